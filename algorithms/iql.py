@@ -1,0 +1,536 @@
+"""Implicit Q-Learning (IQL) -- single-file JAX/Flax implementation.
+
+Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit Q-Learning", ICLR 2022.
+https://arxiv.org/abs/2110.06169  (reference code: github.com/ikostrikov/implicit_q_learning)
+
+    python algorithms/iql.py --env hopper-medium-v2
+    python algorithms/iql.py --dataset my_data.hdf5 --eval-env Hopper-v4 --num-seeds 4
+    python algorithms/iql.py --load runs/.../checkpoint.msgpack --num-updates 0   # evaluate a checkpoint
+
+The whole training loop runs on the device: every jitted call performs `eval_interval` updates in one
+`jax.lax.scan`, and `--num-seeds` independent seeds are trained in one process with `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from tensorboard.summary import Writer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+ALGORITHM = "iql"
+
+
+# ---- Config ----
+@dataclass
+class Args:
+    env: str = "hopper-medium-v2"
+    """D4RL-style dataset name `<env>-<kind>[-v2]` (env: hopper/halfcheetah/walker2d/ant). Ignored with --dataset."""
+    dataset: str | None = None
+    """Path to a D4RL-layout HDF5 file or a Minari dataset folder (needs --eval-env)."""
+    eval_env: str | None = None
+    """Gymnasium id of the evaluation environment (required with --dataset), e.g. Hopper-v4."""
+    source: str = "auto"
+    """Where common.load_dataset looks for a named dataset (see common.py)."""
+    seed: int = 0
+    """Random seed of the first run; run i of --num-seeds uses seed+i."""
+    num_seeds: int = 1
+    """Number of independent seeds trained in parallel (jax.vmap over the whole train state)."""
+    num_updates: int = 1_000_000
+    """Total gradient updates (IQL paper, App. B: 1M)."""
+    batch_size: int = 256
+    """Minibatch size (IQL paper, App. B: 256)."""
+    eval_interval: int = 5000
+    """Updates between evaluations; also the length of one on-device lax.scan chunk."""
+    eval_episodes: int = 10
+    """Evaluation episodes per seed (deterministic policy)."""
+    log_dir: str | None = None
+    """TensorBoard/result directory. Default: runs/iql/<dataset>/<seed>-<timestamp>."""
+    save_path: str | None = None
+    """Checkpoint file, rewritten at every evaluation. Default: <log_dir>/checkpoint.msgpack."""
+    load: str | None = None
+    """Checkpoint to restore: resume training up to --num-updates, or with --num-updates 0 only evaluate it."""
+    hidden_dim: int = 256
+    """Width of every hidden layer (IQL paper, App. B: 2x256 MLPs)."""
+    num_layers: int = 2
+    """Number of hidden layers (IQL paper, App. B: 2)."""
+    normalize_states: bool = True
+    """Standardize observations with the dataset mean/std (CORL's IQL default; the paper's code does not)."""
+    preset: str = "auto"
+    """Hyperparameter preset from PRESETS: auto (antmaze if the dataset name contains 'antmaze', else locomotion)."""
+    expectile: float | None = None
+    """Expectile tau of the value loss, Eq. (5). Default from the preset (locomotion 0.7, antmaze 0.9; App. B)."""
+    temperature: float | None = None
+    """Inverse temperature beta of the policy extraction, Eq. (7). Default from the preset (3.0 / 10.0; App. B)."""
+    exp_adv_max: float = 100.0
+    """Clip of the advantage weights exp(beta*A) (reference code: 100)."""
+    discount: float = 0.99
+    """Discount gamma in the Q target, Eq. (6) (App. B: 0.99)."""
+    tau: float = 0.005
+    """Polyak rate of the target Q network (App. B: 0.005)."""
+    actor_lr: float = 3e-4
+    """Actor Adam learning rate, cosine-decayed to 0 over --num-updates (App. B: 3e-4, cosine schedule)."""
+    critic_lr: float = 3e-4
+    """Q-network Adam learning rate (App. B: 3e-4)."""
+    value_lr: float = 3e-4
+    """V-network Adam learning rate (App. B: 3e-4)."""
+    log_std_min: float = -5.0
+    """Lower clip of the state-independent policy log-std (reference code: -5)."""
+    log_std_max: float = 2.0
+    """Upper clip of the policy log-std (reference code: 2)."""
+    debug_nan_at: int = -1
+    """Testing aid: inject a NaN into the critic loss at this update number (1-based) to exercise the NaN guard."""
+
+
+# Named presets per dataset family (IQL paper, App. B). reward_mode:
+#   "return_range": r * 1000 / (max episode return - min episode return)   (locomotion)
+#   "shift": r - 1                                                          (antmaze)
+PRESETS: dict[str, dict[str, Any]] = {
+    "locomotion": {"expectile": 0.7, "temperature": 3.0, "reward_mode": "return_range"},
+    "antmaze": {"expectile": 0.9, "temperature": 10.0, "reward_mode": "shift"},
+}
+
+
+def resolve_preset(args: Args, dataset_name: str) -> dict[str, Any]:
+    name = args.preset
+    if name == "auto":
+        name = "antmaze" if "antmaze" in dataset_name.lower() else "locomotion"
+    if name not in PRESETS:
+        raise SystemExit(f"error: unknown --preset {args.preset!r}; choose auto or one of {sorted(PRESETS)}")
+    preset = dict(PRESETS[name], name=name)
+    if args.expectile is not None:
+        preset["expectile"] = args.expectile
+    if args.temperature is not None:
+        preset["temperature"] = args.temperature
+    return preset
+
+
+# ---- Networks ----
+class MLP(nn.Module):
+    hidden_dim: int
+    num_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for _ in range(self.num_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class ValueNet(nn.Module):
+    """V_psi(s) -> [batch]."""
+
+    hidden_dim: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        return MLP(self.hidden_dim, self.num_layers, 1)(obs)[..., 0]
+
+
+class DoubleCritic(nn.Module):
+    """Twin Q_theta(s, a) -> [2, batch] (two independent MLPs, vmapped over the ensemble axis)."""
+
+    hidden_dim: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        x = jnp.concatenate([obs, action], axis=-1)
+        ensemble = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=2,
+        )
+        return ensemble(self.hidden_dim, self.num_layers, 1)(x)[..., 0]
+
+
+class GaussianActor(nn.Module):
+    """pi(a|s) = N(tanh(mu(s)), exp(log_std)) with a state-independent log-std (as in the IQL code)."""
+
+    action_dim: int
+    hidden_dim: int
+    num_layers: int
+    log_std_min: float
+    log_std_max: float
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = jnp.tanh(MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs))
+        log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+# ---- Losses ----
+def expectile_loss(diff: jax.Array, expectile: float) -> jax.Array:
+    """Asymmetric L2 of Eq. (5): L_2^tau(u) = |tau - 1(u < 0)| u^2, with u = Q(s,a) - V(s). Elementwise."""
+    weight = jnp.where(diff < 0, 1.0 - expectile, expectile)
+    return weight * diff**2
+
+
+def advantage_weights(q: jax.Array, v: jax.Array, temperature: float, max_weight: float) -> jax.Array:
+    """AWR weights of Eq. (7): exp(beta * (Q(s,a) - V(s))), clipped from above at max_weight."""
+    return jnp.minimum(jnp.exp(temperature * (q - v)), max_weight)
+
+
+def gaussian_log_prob(mean: jax.Array, log_std: jax.Array, action: jax.Array) -> jax.Array:
+    """log N(action; mean, diag(exp(log_std))^2), summed over the action axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def q_backup(reward: jax.Array, terminal: jax.Array, next_v: jax.Array, discount: float) -> jax.Array:
+    """Target of Eq. (6): r + gamma * (1 - done) * V(s')."""
+    return reward + discount * (1.0 - terminal) * next_v
+
+
+# ---- Train step ----
+@flax.struct.dataclass
+class IQLState:
+    actor: TrainState
+    critic: TrainState
+    value: TrainState
+    target_critic_params: Any
+    key: jax.Array
+
+
+def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCritic, ValueNet]:
+    actor = GaussianActor(action_dim, args.hidden_dim, args.num_layers, args.log_std_min, args.log_std_max)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers), ValueNet(args.hidden_dim, args.num_layers)
+
+
+def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], IQLState]:
+    actor_def, critic_def, value_def = make_networks(args, action_dim)
+    # Cosine-decayed actor learning rate (IQL paper, App. B / reference code).
+    actor_tx = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.num_updates, 1)))
+
+    def init(seed: jax.Array) -> IQLState:
+        key = jax.random.PRNGKey(seed)
+        key, k_actor, k_critic, k_value = jax.random.split(key, 4)
+        obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
+        critic_params = critic_def.init(k_critic, obs, act)
+        return IQLState(
+            actor=TrainState.create(apply_fn=actor_def.apply, params=actor_def.init(k_actor, obs), tx=actor_tx),
+            critic=TrainState.create(apply_fn=critic_def.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
+            value=TrainState.create(
+                apply_fn=value_def.apply, params=value_def.init(k_value, obs), tx=optax.adam(args.value_lr)
+            ),
+            target_critic_params=critic_params,
+            key=key,
+        )
+
+    return init
+
+
+def make_update(args: Args, hp: dict[str, Any]) -> Callable:
+    expectile, temperature = hp["expectile"], hp["temperature"]
+
+    def update(state: IQLState, data: dict[str, jax.Array], step: jax.Array) -> tuple[IQLState, dict]:
+        key, k_idx = jax.random.split(state.key)
+        idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
+        b = jax.tree.map(lambda x: x[idx], data)
+        obs, act = b["observations"], b["actions"]
+
+        # Value update, Eq. (5): expectile regression of V(s) onto min_i Q_target_i(s, a).
+        target_q = state.critic.apply_fn(state.target_critic_params, obs, act).min(0)
+
+        def value_loss_fn(params):
+            v = state.value.apply_fn(params, obs)
+            return expectile_loss(target_q - v, expectile).mean(), v
+
+        (value_loss, v), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # Policy extraction, Eq. (7): advantage-weighted regression with the updated V.
+        v_new = value.apply_fn(value.params, obs)
+        adv = target_q - v_new
+        weights = advantage_weights(target_q, v_new, temperature, args.exp_adv_max)
+
+        def actor_loss_fn(params):
+            mean, log_std = state.actor.apply_fn(params, obs)
+            return -(weights * gaussian_log_prob(mean, log_std, act)).mean()
+
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
+
+        # Q update, Eq. (6): regress both Q_i(s, a) onto r + gamma (1 - done) V(s').
+        next_v = value.apply_fn(value.params, b["next_observations"])
+        target = q_backup(b["rewards"], b["terminals"], next_v, args.discount)
+
+        def critic_loss_fn(params):
+            q = state.critic.apply_fn(params, obs, act)  # [2, batch]
+            loss = ((q - target) ** 2).mean(1).sum()
+            if args.debug_nan_at >= 0:  # testing aid, see --debug-nan-at
+                loss = loss + jnp.where(step + 1 == args.debug_nan_at, jnp.nan, 0.0)
+            return loss, q
+
+        (critic_loss, q), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+        target_params = optax.incremental_update(critic.params, state.target_critic_params, args.tau)
+
+        new_state = IQLState(actor=actor, critic=critic, value=value, target_critic_params=target_params, key=key)
+        metrics = {
+            "value_loss": value_loss,
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss,
+            "q_mean": q.mean(),
+            "v_mean": v.mean(),
+            "adv_mean": adv.mean(),
+            "weight_mean": weights.mean(),
+        }
+        return new_state, metrics
+
+    return update
+
+
+def make_train_chunk(update: Callable) -> Callable:
+    """jit(scan(vmap(update))): `num_steps` updates of every seed in one device call; state buffers donated."""
+
+    def chunk(states: IQLState, data: dict[str, jax.Array], step0: jax.Array, num_steps: int):
+        def body(carry, step):
+            return jax.vmap(update, in_axes=(0, None, None))(carry, data, step)
+
+        states, metrics = jax.lax.scan(body, states, step0 + jnp.arange(num_steps))
+        # metrics: [num_steps, num_seeds] -> chunk means per seed, and the first non-finite step (-1 if none).
+        means = {k: m.mean(0) for k, m in metrics.items()}
+        first_bad = {}
+        for k, m in metrics.items():
+            bad = ~jnp.all(jnp.isfinite(m), axis=1)
+            first_bad[k] = jnp.where(bad.any(), jnp.argmax(bad), -1)
+        return states, means, first_bad
+
+    return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
+
+
+# ---- Evaluation ----
+def make_policy_fn(actor_def: nn.Module, obs_mean: np.ndarray, obs_std: np.ndarray) -> Callable:
+    """Deterministic policy (the tanh mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act]."""
+
+    @jax.jit
+    def policy(params: Any, obs: jax.Array) -> jax.Array:
+        obs = (obs - obs_mean) / obs_std
+        return jax.vmap(lambda p, o: actor_def.apply(p, o)[0])(params, obs)
+
+    return policy
+
+
+def run_evaluation(env, policy: Callable, params: Any, info: dict, num_seeds: int, episodes: int,
+                   act_low: np.ndarray, act_high: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns per-seed mean return [S] and normalized score [S] (None without reference scores)."""
+
+    def act_fn(obs: np.ndarray) -> np.ndarray:
+        a = np.asarray(policy(params, jnp.asarray(obs, jnp.float32).reshape(num_seeds, episodes, -1)))
+        a = np.clip(a.reshape(num_seeds * episodes, -1), -1.0, 1.0)
+        return act_low + (a + 1.0) * 0.5 * (act_high - act_low)  # [-1, 1] -> env action bounds
+
+    returns = np.asarray(common.evaluate(env, act_fn)).reshape(num_seeds, episodes)
+    norm = common.normalized_score(info, returns)
+    return returns.mean(1), (None if norm is None else np.asarray(norm).reshape(num_seeds, episodes).mean(1))
+
+
+# ---- Checkpointing ----
+def save_checkpoint(path: str, states: Any, step: int) -> None:
+    """Atomic write: an interrupted run always leaves the last complete checkpoint."""
+    blob = flax.serialization.to_bytes({"state": states, "step": step})
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, template: Any) -> tuple[Any, int]:
+    try:
+        restored = flax.serialization.from_bytes({"state": template, "step": 0}, Path(path).read_bytes())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
+    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(restored["state"])):
+        if np.shape(a) != np.shape(b):
+            raise SystemExit(
+                f"error: checkpoint {path} does not match this configuration (array shape {np.shape(b)} vs "
+                f"{np.shape(a)}); use the same --num-seeds/--hidden-dim/--num-layers as when it was saved"
+            )
+    return jax.tree.map(jnp.asarray, restored["state"]), int(restored["step"])
+
+
+# ---- Main ----
+def _f(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    if args.dataset is not None and args.eval_env is None:
+        raise SystemExit("error: --dataset needs --eval-env (the gymnasium id to evaluate in, e.g. Hopper-v4)")
+    for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    num_seeds, episodes = args.num_seeds, args.eval_episodes
+    seeds = [args.seed + i for i in range(num_seeds)]
+    try:
+        data_np, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
+        env = common.make_eval_env(info, num_envs=num_seeds * episodes, seed=args.seed)
+    except common.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    hp = resolve_preset(args, str(info["dataset"]))
+
+    # Actions are trained in [-1, 1]; evaluation maps them back to the env's bounds.
+    act_low = np.asarray(env.single_action_space.low, np.float32)
+    act_high = np.asarray(env.single_action_space.high, np.float32)
+    actions = np.clip(2.0 * (data_np["actions"] - act_low) / (act_high - act_low) - 1.0, -1.0, 1.0)
+    obs_dim, action_dim = data_np["observations"].shape[1], actions.shape[1]
+    if args.normalize_states:
+        obs_mean, obs_std = common.state_stats(data_np["observations"])
+    else:
+        obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
+    rewards = data_np["rewards"].astype(np.float32)
+    if hp["reward_mode"] == "return_range":  # IQL paper, App. B (locomotion)
+        ep_returns = common.episode_returns(data_np, info)
+        rewards = rewards * 1000.0 / max(float(ep_returns.max() - ep_returns.min()), 1e-6)
+    elif hp["reward_mode"] == "shift":  # IQL paper, App. B (antmaze)
+        rewards = rewards - 1.0
+    data = {  # goes onto the device once
+        "observations": jnp.asarray((data_np["observations"] - obs_mean) / obs_std, jnp.float32),
+        "actions": jnp.asarray(actions, jnp.float32),
+        "rewards": jnp.asarray(rewards, jnp.float32),
+        "next_observations": jnp.asarray((data_np["next_observations"] - obs_mean) / obs_std, jnp.float32),
+        "terminals": jnp.asarray(data_np["terminals"], jnp.float32),
+    }
+
+    dataset_tag = Path(str(info["dataset"])).stem if args.dataset else str(info["dataset"])
+    log_dir = Path(args.log_dir or f"runs/{ALGORITHM}/{dataset_tag}/{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    save_path = args.save_path or str(log_dir / "checkpoint.msgpack")
+    Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+    writer = Writer(str(log_dir))
+
+    states = jax.vmap(make_init(args, obs_dim, action_dim))(jnp.asarray(seeds))
+    step = 0
+    if args.load:
+        states, step = load_checkpoint(args.load, states)
+        print(f"[{ALGORITHM}] restored {args.load} at update {step}")
+    train_chunk = make_train_chunk(make_update(args, hp))
+    policy = make_policy_fn(make_networks(args, action_dim)[0], obs_mean, obs_std)
+
+    compiled: dict[int, Any] = {}
+    compile_time = train_time = 0.0
+    trained = 0
+    history: list[dict] = []
+    best_ret = np.full(num_seeds, -np.inf)
+    best_norm: np.ndarray | None = None
+    last_ret, last_norm = best_ret, None
+    csv_path = log_dir / "evals.csv"
+    print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}) -> {info['eval_env']}; seeds {seeds}; "
+          f"preset {hp['name']} (expectile {hp['expectile']}, temperature {hp['temperature']}); logs in {log_dir}")
+
+    def evaluate_and_log(step: int) -> None:
+        nonlocal best_ret, best_norm, last_ret, last_norm
+        t0 = time.perf_counter()
+        last_ret, last_norm = run_evaluation(
+            env, policy, states.actor.params, info, num_seeds, episodes, act_low, act_high)
+        best_ret = np.maximum(best_ret, last_ret)
+        if last_norm is not None:
+            best_norm = last_norm if best_norm is None else np.maximum(best_norm, last_norm)
+        history.append({"update": step, "returns": [float(x) for x in last_ret],
+                        "normalized": None if last_norm is None else [float(x) for x in last_norm]})
+        for i in range(num_seeds):
+            writer.add_scalar(f"eval/return/seed{i}", float(last_ret[i]), step)
+            if last_norm is not None:
+                writer.add_scalar(f"eval/normalized/seed{i}", float(last_norm[i]), step)
+        writer.add_scalar("eval/return", float(last_ret.mean()), step)
+        msg = f"return {last_ret.mean():.1f} ± {last_ret.std():.1f}"
+        if last_norm is not None:
+            writer.add_scalar("eval/normalized", float(last_norm.mean()), step)
+            msg += f" | normalized {last_norm.mean():.1f} ± {last_norm.std():.1f} (best {best_norm.mean():.1f})"
+        new_file = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new_file:
+                w.writerow(["update", "seed", "return", "normalized"])
+            for i in range(num_seeds):
+                w.writerow([step, seeds[i], float(last_ret[i]), "" if last_norm is None else float(last_norm[i])])
+        ups = trained / train_time if train_time > 0 else float("nan")
+        writer.add_scalar("perf/updates_per_s", ups, step)
+        writer.flush()
+        print(f"[{ALGORITHM}] update {step}/{args.num_updates} | {msg} | {ups:.0f} upd/s | "
+              f"eval {time.perf_counter() - t0:.1f}s", flush=True)
+
+    while step < args.num_updates:
+        n = min(args.eval_interval, args.num_updates - step)
+        step0 = jnp.asarray(step, jnp.int32)
+        if n not in compiled:  # AOT compile, timed separately from training throughput
+            t0 = time.perf_counter()
+            compiled[n] = train_chunk.lower(states, data, step0, num_steps=n).compile()
+            compile_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        states, means, first_bad = compiled[n](states, data, step0)
+        means, first_bad = jax.device_get((means, first_bad))
+        train_time += time.perf_counter() - t0
+        trained += n
+        for k, m in means.items():  # NaN guard: the last good checkpoint on disk is left untouched
+            if not np.all(np.isfinite(m)):
+                where = f"update {step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
+                writer.close()
+                raise FloatingPointError(
+                    f"non-finite {k} at {where} (chunk of updates {step + 1}-{step + n}); "
+                    f"stopped without overwriting the last good checkpoint {save_path}")
+        step += n
+        for k, m in means.items():
+            writer.add_scalar(f"train/{k}", float(np.mean(m)), step)
+        evaluate_and_log(step)
+        save_checkpoint(save_path, states, step)
+    if not history:  # --num-updates 0 (or a finished checkpoint): evaluate only
+        evaluate_and_log(step)
+    writer.close()
+
+    per_seed = [{"seed": seeds[i], "last_return": float(last_ret[i]), "best_return": float(best_ret[i]),
+                 "last_normalized": None if last_norm is None else float(last_norm[i]),
+                 "best_normalized": None if best_norm is None else float(best_norm[i])} for i in range(num_seeds)]
+    result = {
+        "algorithm": ALGORITHM,
+        "dataset": str(info["dataset"]),
+        "source": str(info["source"]),
+        "source_kind": str(info["source_kind"]),
+        "eval_env": str(info["eval_env"]),
+        "num_updates": step,
+        "seeds": seeds,
+        "last_return": float(last_ret.mean()),
+        "best_return": float(best_ret.mean()),
+        "last_normalized": None if last_norm is None else float(last_norm.mean()),
+        "best_normalized": None if best_norm is None else float(best_norm.mean()),
+        "per_seed": per_seed,
+        "wall_time_s": time.time() - t_start,
+        "updates_per_s": trained / train_time if train_time > 0 else None,
+        "compile_time_s": compile_time,
+        "config": asdict(args),
+        "hyperparameters": {k: v for k, v in hp.items()},
+        "eval_history": history,
+    }
+    (log_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"[{ALGORITHM}] done: return {result['last_return']:.1f} (best {result['best_return']:.1f}), normalized "
+          f"{_f(result['last_normalized'])}; {result['updates_per_s'] or 0:.0f} upd/s; result in {log_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
