@@ -18,9 +18,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -108,18 +109,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_preset(args: Args, dataset_name: str) -> dict[str, Any]:
+def resolve_hyperparameters(args: Args, info: dict) -> dict[str, Any]:
+    """The preset for this dataset family, with --expectile/--temperature overrides applied."""
     name = args.preset
     if name == "auto":
-        name = "antmaze" if "antmaze" in dataset_name.lower() else "locomotion"
+        name = "antmaze" if "antmaze" in str(info["dataset"]).lower() else "locomotion"
     if name not in PRESETS:
         raise SystemExit(f"error: unknown --preset {args.preset!r}; choose auto or one of {sorted(PRESETS)}")
-    preset = dict(PRESETS[name], name=name)
+    hp = dict(PRESETS[name], preset=name)
     if args.expectile is not None:
-        preset["expectile"] = args.expectile
+        hp["expectile"] = args.expectile
     if args.temperature is not None:
-        preset["temperature"] = args.temperature
-    return preset
+        hp["temperature"] = args.temperature
+    return hp
+
+
+def process_rewards(hp: dict[str, Any], data: dict[str, np.ndarray], info: dict) -> np.ndarray:
+    rewards = data["rewards"].astype(np.float32)
+    if hp["reward_mode"] == "return_range":  # IQL paper, App. B (locomotion): r * 1000 / (max R - min R)
+        ep_returns = common.episode_returns(data, info)
+        rewards = rewards * 1000.0 / max(float(ep_returns.max() - ep_returns.min()), 1e-6)
+    elif hp["reward_mode"] == "shift":  # IQL paper, App. B (antmaze): r - 1
+        rewards = rewards - 1.0
+    return rewards
 
 
 # ---- Networks ----
@@ -180,6 +192,11 @@ class GaussianActor(nn.Module):
         mean = jnp.tanh(MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs))
         log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
         return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+def deterministic_action(actor_def: nn.Module, params: Any, obs: jax.Array) -> jax.Array:
+    """Evaluation action: the tanh mean of the Gaussian."""
+    return actor_def.apply(params, obs)[0]
 
 
 # ---- Losses ----
@@ -330,7 +347,7 @@ def make_policy_fn(actor_def: nn.Module, obs_mean: np.ndarray, obs_std: np.ndarr
     @jax.jit
     def policy(params: Any, obs: jax.Array) -> jax.Array:
         obs = (obs - obs_mean) / obs_std
-        return jax.vmap(lambda p, o: actor_def.apply(p, o)[0])(params, obs)
+        return jax.vmap(lambda p, o: deterministic_action(actor_def, p, o))(params, obs)
 
     return policy
 
@@ -364,7 +381,7 @@ def load_checkpoint(path: str, template: Any) -> tuple[Any, int]:
         restored = flax.serialization.from_bytes({"state": template, "step": 0}, Path(path).read_bytes())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
-    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(restored["state"])):
+    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(restored["state"]), strict=True):
         if np.shape(a) != np.shape(b):
             raise SystemExit(
                 f"error: checkpoint {path} does not match this configuration (array shape {np.shape(b)} vs "
@@ -392,7 +409,7 @@ def main(args: Args) -> dict:
         env = common.make_eval_env(info, num_envs=num_seeds * episodes, seed=args.seed)
     except common.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
-    hp = resolve_preset(args, str(info["dataset"]))
+    hp = resolve_hyperparameters(args, info)
 
     # Actions are trained in [-1, 1]; evaluation maps them back to the env's bounds.
     act_low = np.asarray(env.single_action_space.low, np.float32)
@@ -403,12 +420,7 @@ def main(args: Args) -> dict:
         obs_mean, obs_std = common.state_stats(data_np["observations"])
     else:
         obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    rewards = data_np["rewards"].astype(np.float32)
-    if hp["reward_mode"] == "return_range":  # IQL paper, App. B (locomotion)
-        ep_returns = common.episode_returns(data_np, info)
-        rewards = rewards * 1000.0 / max(float(ep_returns.max() - ep_returns.min()), 1e-6)
-    elif hp["reward_mode"] == "shift":  # IQL paper, App. B (antmaze)
-        rewards = rewards - 1.0
+    rewards = process_rewards(hp, data_np, info)
     data = {  # goes onto the device once
         "observations": jnp.asarray((data_np["observations"] - obs_mean) / obs_std, jnp.float32),
         "actions": jnp.asarray(actions, jnp.float32),
@@ -425,6 +437,7 @@ def main(args: Args) -> dict:
     writer = Writer(str(log_dir))
 
     states = jax.vmap(make_init(args, obs_dim, action_dim))(jnp.asarray(seeds))
+    states = jax.tree.map(lambda x: jnp.array(x, copy=True), states)  # distinct buffers (they get donated)
     step = 0
     if args.load:
         states, step = load_checkpoint(args.load, states)
@@ -441,7 +454,7 @@ def main(args: Args) -> dict:
     last_ret, last_norm = best_ret, None
     csv_path = log_dir / "evals.csv"
     print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}) -> {info['eval_env']}; seeds {seeds}; "
-          f"preset {hp['name']} (expectile {hp['expectile']}, temperature {hp['temperature']}); logs in {log_dir}")
+          f"{hp}; logs in {log_dir}")
 
     def evaluate_and_log(step: int) -> None:
         nonlocal best_ret, best_norm, last_ret, last_norm
@@ -523,7 +536,7 @@ def main(args: Args) -> dict:
         "updates_per_s": trained / train_time if train_time > 0 else None,
         "compile_time_s": compile_time,
         "config": asdict(args),
-        "hyperparameters": {k: v for k, v in hp.items()},
+        "hyperparameters": hp,
         "eval_history": history,
     }
     (log_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,1 @@
+"""D4RL-recipe datasets: behaviour policies (policies/), shipped replay data (data/) and the builder."""

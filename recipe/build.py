@@ -1,0 +1,217 @@
+"""Build D4RL-recipe datasets from the behaviour policies shipped in recipe/policies/.
+
+This follows the D4RL paper's recipe (Fu et al. 2020, Sec. 5 "gym-mujoco") on gymnasium's
+v4 MuJoCo envs. It is NOT the D4RL dataset: a different SAC run, a different simulator
+build, other seeds. Every file says so in `metadata/source`.
+
+    random         uniform random actions, 1M transitions
+    medium         a SAC policy stopped at about 1/3 of the expert's return, sampled stochastically, 1M
+    expert         the fully trained SAC policy, sampled stochastically, 1M
+    medium-replay  SAC's replay buffer up to the step the medium policy was taken (shipped as data)
+    medium-expert  medium followed by expert (2M)
+
+Same name and seed, same bytes: `K_ENVS` envs are stepped in lockstep with batched numpy
+policies, all randomness comes from seeded generators, and each file records the sha256 of
+its arrays (`metadata/sha256`), checked against recipe/manifest.json when one is listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gymnasium as gym
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+POLICY_DIR = ROOT / "policies"
+DATA_DIR = ROOT / "data"
+MANIFEST = ROOT / "manifest.json"
+BUILDER_VERSION = "1"
+SOURCE = "offrl D4RL-recipe dataset (self-generated; not the D4RL dataset)"
+ENV_IDS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+NUM_TRANSITIONS = 1_000_000  # D4RL: 1M transitions for random, medium and expert
+K_ENVS = 10  # envs stepped in lockstep; part of the recipe (changing it changes the bytes)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # as in algorithms/sac.py
+
+
+# ---- Behaviour policies ----
+class NumpyPolicy:
+    """The SAC actor of algorithms/sac.py in numpy: a = tanh(mu + sigma * eps)."""
+
+    def __init__(self, path: Path):
+        with np.load(path) as z:
+            self.w = {k: z[k].astype(np.float32) for k in z.files if not k.startswith("meta")}
+            self.meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        self.path = path
+
+    def __call__(self, obs: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Actions and their log-densities for a batch of observations and standard-normal noise."""
+        w = self.w
+        h = np.maximum(obs @ w["l0/kernel"] + w["l0/bias"], 0)
+        h = np.maximum(h @ w["l1/kernel"] + w["l1/bias"], 0)
+        mean = h @ w["mean/kernel"] + w["mean/bias"]
+        log_std = np.clip(h @ w["log_std/kernel"] + w["log_std/bias"], LOG_STD_MIN, LOG_STD_MAX)
+        u = mean + np.exp(log_std) * eps
+        logp = (-0.5 * eps**2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        logp -= (2 * (np.log(2.0) - u - np.logaddexp(0, -2 * u))).sum(-1)  # tanh change of variables
+        return np.tanh(u), logp
+
+
+def policy_path(env: str, level: str) -> Path:
+    return POLICY_DIR / f"{env}-{level}.npz"
+
+
+def available(env: str, kind: str) -> bool:
+    """Whether this checkout can build `<env>-<kind>`."""
+    if env not in ENV_IDS:
+        return False
+    need = {"random": [], "medium": [policy_path(env, "medium")], "expert": [policy_path(env, "expert")],
+            "medium-expert": [policy_path(env, "medium"), policy_path(env, "expert")],
+            "medium-replay": [DATA_DIR / f"{env}-medium-replay.hdf5"]}.get(kind)
+    return need is not None and all(p.exists() for p in need)
+
+
+# ---- Collection ----
+def collect(env_id: str, policy: NumpyPolicy | None, n: int, seed: int,
+            progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Roll out `policy` (None: uniform random) in K_ENVS envs until `n` transitions are stored.
+
+    Env i contributes its transitions in one contiguous block, in order; a block's last
+    episode is cut off and flagged as a timeout (its stored next observation is the true one).
+    """
+    envs = [gym.make(env_id) for _ in range(K_ENVS)]
+    rngs = [np.random.default_rng([seed, i]) for i in range(K_ENVS)]
+    act_dim = envs[0].action_space.shape[0]
+    sizes = [n // K_ENVS + (i < n % K_ENVS) for i in range(K_ENVS)]
+    streams: list[dict[str, list]] = [{k: [] for k in ("observations", "actions", "rewards", "next_observations",
+                                                       "terminals", "timeouts", "qpos", "qvel", "logp")} for _ in envs]
+    obs = np.stack([e.reset(seed=seed * 1000 + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    while True:
+        active = [i for i in range(K_ENVS) if len(streams[i]["rewards"]) < sizes[i]]
+        if not active:
+            break
+        if policy is None:
+            acts = np.stack([r.uniform(-1, 1, act_dim) for r in rngs]).astype(np.float32)
+            logps = np.full(K_ENVS, act_dim * np.log(0.5))
+        else:
+            acts, logps = policy(obs, np.stack([r.standard_normal(act_dim, dtype=np.float32) for r in rngs]))
+        for i in active:
+            s, uw = streams[i], envs[i].unwrapped
+            s["qpos"].append(uw.data.qpos.copy())
+            s["qvel"].append(uw.data.qvel.copy())
+            nobs, r, term, trunc, _ = envs[i].step(acts[i])
+            last = len(s["rewards"]) + 1 == sizes[i]
+            for k, v in (("observations", obs[i].copy()), ("actions", acts[i]), ("rewards", r), ("next_observations", nobs),
+                         ("terminals", term), ("timeouts", (trunc or last) and not term), ("logp", logps[i])):
+                s[k].append(v)
+            obs[i] = envs[i].reset()[0] if term or trunc else nobs
+        if progress is not None:
+            progress(len(active))
+    return {k: np.concatenate([np.asarray(s[k]) for s in streams]).astype(np.float32) for k in streams[0]}
+
+
+def _merge(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def array_hash(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+def write_d4rl(path: Path, arrays: dict[str, np.ndarray], meta: dict, compression: str | None = None) -> None:
+    """Write the D4RL HDF5 layout atomically: <path>.tmp-<pid>, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+                f.create_dataset(k, data=arrays[k], compression=compression)
+            for k, src in (("qpos", "qpos"), ("qvel", "qvel"), ("action_log_probs", "logp")):
+                f.create_dataset(f"infos/{k}", data=arrays[src], compression=compression)
+            for k, v in meta.items():
+                f.create_dataset(f"metadata/{k}", data=v if isinstance(v, np.ndarray) else str(v))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---- Datasets ----
+def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and metadata of recipe dataset `name` (e.g. 'hopper-medium')."""
+    env, kind = name.split("-", 1)
+    if env not in ENV_IDS:
+        raise ValueError(f"unknown env {env!r}; valid: {', '.join(ENV_IDS)}")
+    env_id, n = ENV_IDS[env], n or NUM_TRANSITIONS
+    meta: dict = {"source": SOURCE, "env_id": env_id, "kind": kind, "seed": seed, "builder_version": BUILDER_VERSION,
+                  "k_envs": K_ENVS, "recipe": "D4RL (Fu et al. 2020) gym-mujoco recipe on gymnasium v4"}
+    if kind == "medium-replay":
+        src = DATA_DIR / f"{env}-medium-replay.hdf5"
+        if not src.exists():
+            raise FileNotFoundError(f"{src} is not shipped in this checkout (see recipe/README.md)")
+        with h5py.File(src, "r") as f:
+            arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+            arrays.update(qpos=f["infos/qpos"][()], qvel=f["infos/qvel"][()], logp=f["infos/action_log_probs"][()])
+            meta.update({k: f[f"metadata/{k}"][()].decode() for k in ("algorithm", "policy_step", "training") if f"metadata/{k}" in f})
+        return arrays, meta
+    levels = {"random": [None], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}
+    if kind not in levels:
+        raise ValueError(f"the recipe cannot build kind {kind!r}; valid: {', '.join(levels)}, medium-replay")
+    bar = _progress_bar(n * len(levels[kind]), name) if progress else None
+    parts = []
+    for j, level in enumerate(levels[kind]):
+        policy = None
+        if level is not None:
+            p = policy_path(env, level)
+            if not p.exists():
+                raise FileNotFoundError(f"no behaviour policy {p}; train one with algorithms/sac.py and export it "
+                                        "with `python -m recipe export` (see recipe/README.md)")
+            policy = NumpyPolicy(p)
+            meta[f"policy_{level}"] = json.dumps(policy.meta)
+            meta[f"policy_{level}_file"] = p.name
+            meta.update({f"policy_{level}_weights/{k}": v for k, v in policy.w.items()})
+        parts.append(collect(env_id, policy, n, seed + 7919 * j, bar.update if bar else None))
+    if bar:
+        bar.close()
+    meta["algorithm"] = "uniform random" if kind == "random" else "SAC (algorithms/sac.py)"
+    return _merge(*parts), meta
+
+
+def _progress_bar(total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"building {name}", unit="step", unit_scale=True, mininterval=2.0)
+
+
+def expected_hash(name: str, n: int | None, seed: int) -> str | None:
+    if not MANIFEST.exists():
+        return None
+    entry = json.loads(MANIFEST.read_text()).get(name)
+    if entry and entry.get("num_transitions_arg") == n and entry.get("seed") == seed:
+        return entry["sha256"]
+    return None
+
+
+def build_dataset(name: str, path: Path, n: int | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Build `name` into `path` (atomically) and return the path."""
+    t0 = time.time()
+    arrays, meta = build_arrays(name, n, seed, progress)
+    digest = array_hash(arrays)
+    want = expected_hash(name, n, seed)
+    meta.update(sha256=digest, build_time_s=f"{time.time() - t0:.1f}")
+    if want is not None and want != digest:
+        print(f"WARNING: {name} hash {digest[:12]} differs from the manifest's {want[:12]} "
+              "(different numpy/mujoco build or CPU?); the data is still a valid recipe dataset")
+    write_d4rl(Path(path), arrays, meta)
+    print(f"built {name}: {len(arrays['rewards'])} transitions -> {path} ({time.time() - t0:.0f}s, sha256 {digest[:16]})")
+    return Path(path)
