@@ -1,0 +1,223 @@
+"""Turn a grid of runs (benchmarks/run.py) into tables and plots in benchmarks/results/<label>/.
+
+    python benchmarks/aggregate.py --label cpu-reduced
+
+Writes scores.md / scores.csv (last and best normalized score, mean ± std over seeds, with the
+published numbers beside them), aggregate rows (mean, and IQM with 95% stratified-bootstrap CIs
+as in rliable), beats_data.md (each algorithm against BC and the behaviour data), curves_*.png
+(learning curves) and bars.png (final scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from stats import stratified_bootstrap_ci
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PUBLISHED_NAMES = {"bc": "BC", "td3bc": "TD3+BC", "iql": "IQL", "cql": "CQL", "awac": "AWAC", "mopo": "MOPO", "combo": "COMBO"}
+SOURCE_NOTE = {
+    "recipe": "self-generated D4RL-recipe data (NOT the D4RL dataset; published D4RL numbers are for orientation only)",
+    "d4rl": "the D4RL v2 dataset files",
+    "minari": "Minari datasets (not the original D4RL files)",
+    "file": "a user-supplied file",
+}
+
+
+def load_runs(grid: Path) -> list[dict]:
+    runs = []
+    for f in sorted(grid.glob("*/*/result.json")):
+        r = json.loads(f.read_text())
+        r["_dir"] = f.parent
+        runs.append(r)
+    return runs
+
+
+def load_published() -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    with open(BENCH / "published_d4rl_scores.csv") as f:
+        for row in csv.DictReader(f):
+            out[(row["algorithm"], row["dataset"])].append(row)
+    return out
+
+
+def ms(x: list[float | None]) -> str:
+    x = [v for v in x if v is not None]
+    return "n/a" if not x else f"{np.mean(x):.1f} ± {np.std(x):.1f}"
+
+
+def per_seed(r: dict, key: str) -> list[float | None]:
+    return [s[key] for s in r["per_seed"]]
+
+
+def published_cell(pub, algo: str, dataset: str) -> str:
+    rows = pub.get((PUBLISHED_NAMES.get(algo, algo), dataset), [])
+    return "; ".join(f"{float(p['normalized_score']):.1f} ({p['source']}, {p['kind']})" for p in rows) or "-"
+
+
+def plot_curves(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    by_ds = defaultdict(list)
+    for r in runs:
+        by_ds[r["dataset"]].append(r)
+    for ds, rs in sorted(by_ds.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in sorted(rs, key=lambda r: r["algorithm"]):
+            h = [e for e in r.get("eval_history", []) if e.get("normalized") is not None]
+            if not h:
+                continue
+            x = np.array([e["update"] for e in h])
+            y = np.array([e["normalized"] for e in h])  # [evals, seeds]
+            m, s = y.mean(1), y.std(1)
+            ax.plot(x, m, label=r["algorithm"])
+            ax.fill_between(x, m - s, m + s, alpha=0.2)
+        ax.set_xlabel("updates")
+        ax.set_ylabel("normalized score")
+        ax.set_title(f"{ds} ({runs[0]['source_kind']} data), mean ± std over seeds", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        f = out / f"curves_{ds}.png"
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def plot_bars(runs: list[dict], algos: list[str], datasets: list[str], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = {(r["algorithm"], r["dataset"]): r for r in runs}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets)), 4))
+    width = 0.8 / max(len(algos), 1)
+    for i, a in enumerate(algos):
+        vals = [cell[(a, d)] for d in datasets if (a, d) in cell]
+        xs = [j + i * width for j, d in enumerate(datasets) if (a, d) in cell]
+        means = [np.mean([v for v in per_seed(r, "last_normalized") if v is not None]) for r in vals]
+        stds = [np.std([v for v in per_seed(r, "last_normalized") if v is not None]) for r in vals]
+        ax.bar(xs, means, width, yerr=stds, label=a, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))])
+    ax.set_xticklabels([d.replace("-v2", "") for d in datasets], rotation=20, fontsize=8)
+    ax.set_ylabel("last normalized score")
+    ax.set_title(f"final scores ({runs[0]['source_kind']} data), mean ± std over seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    f = out / "bars.png"
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    return f
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", required=True)
+    p.add_argument("--datasets-table", default=str(BENCH / "results" / "datasets.json"),
+                   help="behaviour-data scores written by benchmarks/datasets.py")
+    p.add_argument("--runs-dir", default=str(BENCH / "runs"), help="where benchmarks/run.py put the grids")
+    p.add_argument("--out-dir", default=str(BENCH / "results"), help="tables and plots go to <out-dir>/<label>/")
+    a = p.parse_args()
+    grid = Path(a.runs_dir) / a.label
+    runs = load_runs(grid)
+    if not runs:
+        raise SystemExit(f"no result.json under {grid}")
+    manifest = json.loads((grid / "manifest.json").read_text()) if (grid / "manifest.json").exists() else {}
+    out = Path(a.out_dir) / a.label
+    out.mkdir(parents=True, exist_ok=True)
+    pub = load_published()
+    algos = sorted({r["algorithm"] for r in runs}, key=lambda x: list(PUBLISHED_NAMES).index(x) if x in PUBLISHED_NAMES else 99)
+    datasets = sorted({r["dataset"] for r in runs})
+    kinds = sorted({r["source_kind"] for r in runs})
+    cell = {(r["algorithm"], r["dataset"]): r for r in runs}
+    behaviour = json.loads(Path(a.datasets_table).read_text()) if Path(a.datasets_table).exists() else {}
+
+    head = [f"# Scores: {a.label}", "",
+            f"**Data: {'; '.join(SOURCE_NOTE.get(k, k) for k in kinds)}.**", "",
+            f"- Command: `{manifest.get('grid_command', 'see manifest.json')}`, then `python benchmarks/aggregate.py --label {a.label}`",
+            f"- Updates: {sorted({r['num_updates'] for r in runs})}; seeds per cell: {sorted({len(r['seeds']) for r in runs})}",
+            f"- Hardware: {manifest.get('hardware', 'unknown')}",
+            f"- Dates: {', '.join(sorted({c['date'][:10] for c in manifest.get('cells', {}).values()})) or 'unknown'}",
+            "- Scores are D4RL normalized scores, 100 (R - R_random) / (R_expert - R_random), with D4RL's reference returns.",
+            "- `last`: the final evaluation; `best`: the best evaluation during training (published tables mix the two).", ""]
+    lines = [*head, "| dataset | source | algorithm | last | best | return (last) | published (source, kind) |", "|---|---|---|---|---|---|---|"]
+    rows_csv = []
+    for d in datasets:
+        for al in algos:
+            r = cell.get((al, d))
+            if r is None:
+                continue
+            lines.append(f"| {d} | {r['source_kind']} | {al} | {ms(per_seed(r, 'last_normalized'))} | {ms(per_seed(r, 'best_normalized'))} "
+                         f"| {ms(per_seed(r, 'last_return'))} | {published_cell(pub, al, d)} |")
+            rows_csv.append({"dataset": d, "source_kind": r["source_kind"], "algorithm": al, "num_updates": r["num_updates"],
+                             "seeds": len(r["seeds"]), "last_normalized_mean": np.mean(per_seed(r, "last_normalized")),
+                             "last_normalized_std": np.std(per_seed(r, "last_normalized")),
+                             "best_normalized_mean": np.mean(per_seed(r, "best_normalized")),
+                             "best_normalized_std": np.std(per_seed(r, "best_normalized")),
+                             "updates_per_s": r.get("updates_per_s"), "wall_time_s": r.get("wall_time_s")})
+    lines += ["", "## Aggregate over datasets", "",
+              "Mean: the mean over datasets of the per-dataset mean. IQM: interquartile mean over all runs (datasets × seeds), "
+              "95% stratified-bootstrap CI (2000 replicates), as in rliable (Agarwal et al. 2021).", "",
+              "| algorithm | datasets | mean (last) | IQM (last) [95% CI] | mean (best) | IQM (best) [95% CI] |", "|---|---|---|---|---|---|"]
+    for al in algos:
+        rs = [cell[(al, d)] for d in datasets if (al, d) in cell]
+        row = [al, str(len(rs))]
+        for key in ("last_normalized", "best_normalized"):
+            scores = [np.array(per_seed(r, key), float) for r in rs if None not in per_seed(r, key)]
+            if not scores:
+                row += ["n/a", "n/a"]
+                continue
+            pt, lo, hi = stratified_bootstrap_ci(scores)
+            row += [f"{np.mean([s.mean() for s in scores]):.1f}", f"{pt:.1f} [{lo:.1f}, {hi:.1f}]"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "![final scores](bars.png)", ""] + [f"![{d}](curves_{d}.png)" for d in datasets]
+    (out / "scores.md").write_text("\n".join(lines) + "\n")
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
+        w.writeheader()
+        w.writerows(rows_csv)
+
+    # Does offline RL beat the data?
+    bl = [*head[:3], "# Does offline RL beat the data?", "",
+          "Last normalized score of each algorithm minus BC's and minus the behaviour data's own mean normalized episode score "
+          "(from benchmarks/results/datasets.md). Positive: the algorithm improved on it.", "",
+          "| dataset | data score | BC | " + " | ".join(f"{al} (vs BC, vs data)" for al in algos if al != "bc") + " |",
+          "|---" * (3 + len([al for al in algos if al != "bc"])) + "|"]
+    for d in datasets:
+        data_score = behaviour.get(d.replace("-v2", ""), {}).get("mean_normalized")
+        bc = cell.get(("bc", d))
+        bc_m = None if bc is None else float(np.mean(per_seed(bc, "last_normalized")))
+        row = [d, "n/a" if data_score is None else f"{data_score:.1f}", "n/a" if bc_m is None else f"{bc_m:.1f}"]
+        for al in algos:
+            if al == "bc":
+                continue
+            r = cell.get((al, d))
+            if r is None:
+                row.append("-")
+                continue
+            m = float(np.mean(per_seed(r, "last_normalized")))
+            vs_bc = "n/a" if bc_m is None else f"{m - bc_m:+.1f}"
+            vs_data = "n/a" if data_score is None else f"{m - data_score:+.1f}"
+            row.append(f"{m:.1f} ({vs_bc}, {vs_data})")
+        bl.append("| " + " | ".join(row) + " |")
+    (out / "beats_data.md").write_text("\n".join(bl) + "\n")
+    plot_curves(runs, out)
+    plot_bars(runs, algos, datasets, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Dataset table of the D4RL-recipe datasets: size, episode returns, normalized score, behaviour policies.
+
+    python benchmarks/datasets.py                 # the recipe datasets already built (in $OFFRL_DATA_DIR)
+    python benchmarks/datasets.py --build         # build every buildable one first
+
+Writes benchmarks/results/datasets.md and datasets.json (read by aggregate.py for "does offline
+RL beat the data?").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common
+from recipe import build
+
+KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
+
+
+def policy_rows() -> list[str]:
+    rows = []
+    for f in sorted(build.POLICY_DIR.glob("*.npz")):
+        with np.load(f) as z:
+            m = json.loads(str(z["meta"]))
+        rows.append(f"| {f.stem} | {m['env_id']} | {m['step']} | {m['config']['seed']} | {m['return_stochastic']:.0f} "
+                    f"| {float(common.normalized_score(f.stem.split('-')[0] + '-medium', m['return_stochastic'])):.1f} "
+                    f"| {m['return_deterministic']:.0f} | {m['wall_time_s'] / 3600:.2f} h | {m['hardware']} |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", action="store_true", help="build the missing buildable datasets first")
+    p.add_argument("--envs", nargs="+", default=list(build.ENV_IDS))
+    a = p.parse_args()
+    table, lines = {}, []
+    for env in a.envs:
+        for kind in KINDS:
+            path = common.recipe_path(env, kind)
+            if not path.exists():
+                if not (a.build and build.available(env, kind)):
+                    continue
+            data, info = common.load_dataset(f"{env}-{kind}", source="recipe", build=a.build)
+            ret = common.episode_returns(data, info)
+            full = np.ones(len(ret), bool)
+            full[-1] = bool(data["terminals"][-1] or data["timeouts"][-1])
+            norm = common.normalized_score(info, ret)
+            table[f"{env}-{kind}"] = {
+                "transitions": int(len(data["rewards"])), "episodes": int(len(ret)), "mean_return": float(ret.mean()),
+                "min_return": float(ret.min()), "max_return": float(ret.max()), "mean_normalized": float(norm.mean()),
+                "terminals": int(data["terminals"].sum()), "timeouts": int(data["timeouts"].sum()), "source": info["source"]}
+            t = table[f"{env}-{kind}"]
+            lines.append(f"| {env}-{kind} | {t['transitions']:,} | {t['episodes']:,} | {t['mean_return']:.0f} | {t['min_return']:.0f} "
+                         f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} |")
+    out = ROOT / "benchmarks" / "results"
+    (out / "datasets.json").write_text(json.dumps(table, indent=2))
+    md = ["# D4RL-recipe datasets", "",
+          "**Self-generated with the D4RL paper's recipe on gymnasium v4 envs. These are NOT the D4RL datasets.**", "",
+          f"- Command: `python benchmarks/datasets.py {' '.join(sys.argv[1:])}`; date {time.strftime('%Y-%m-%d', time.gmtime())}",
+          "- Episode returns are undiscounted; every K_ENVS stream's last episode is cut off (a timeout) and still counted.",
+          "- Normalized: D4RL's 100 (R - R_random) / (R_expert - R_random) with D4RL's reference returns.", "",
+          "| dataset | transitions | episodes | mean return | min | max | mean normalized | terminals | timeouts |",
+          "|---|---|---|---|---|---|---|---|---|", *lines, "",
+          "## Behaviour policies (recipe/policies)", "",
+          "Returns of the SAC snapshot when it was taken: stochastic (as the data is sampled) and deterministic, "
+          "mean of 5 episodes.", "",
+          "| policy | env | SAC steps | seed | stochastic return | normalized | deterministic return | SAC wall time at that step | hardware |",
+          "|---|---|---|---|---|---|---|---|---|", *policy_rows()]
+    (out / "datasets.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

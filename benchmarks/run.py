@@ -1,0 +1,96 @@
+"""Run an algorithm x dataset grid, resuming after an interruption.
+
+    python benchmarks/run.py --label cpu-reduced --algos bc td3bc iql cql awac \
+        --datasets hopper-medium hopper-medium-replay hopper-medium-expert --num-seeds 2 --num-updates 100000
+
+Each cell is one process `python algorithms/<algo>.py --env <dataset> --num-seeds N ...`, so the
+seeds of a cell are trained together with the scripts' own jax.vmap. A finished cell (one with a
+result.json) is skipped; an interrupted cell resumes from its checkpoint. The runs land in
+benchmarks/runs/<label>/<algo>/<dataset>/ and the grid's commands, hardware and date in
+benchmarks/runs/<label>/manifest.json, which aggregate.py turns into tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "runs"
+
+
+def hardware() -> str:
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        accel = f"{dev.platform}: {getattr(dev, 'device_kind', dev)}"
+    except Exception:  # noqa: BLE001 - reporting only
+        accel = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores; jax device {accel}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", required=True, help="name of this grid, e.g. cpu-reduced or gpu-1M")
+    p.add_argument("--algos", nargs="+", default=["bc", "td3bc", "iql", "cql", "awac"])
+    p.add_argument("--datasets", nargs="+", default=[f"{e}-{k}" for e in ("hopper", "halfcheetah", "walker2d")
+                                                      for k in ("medium", "medium-replay", "medium-expert")])
+    p.add_argument("--num-seeds", type=int, default=5)
+    p.add_argument("--num-updates", type=int, default=1_000_000)
+    p.add_argument("--eval-interval", type=int, default=10_000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--extra", default="", help="extra flags passed to every script, e.g. '--model-epochs 20'")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = p.parse_args()
+
+    grid_dir = RUNS / a.label
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = grid_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cells": {}}
+    manifest.update(label=a.label, hardware=hardware(), num_seeds=a.num_seeds, num_updates=a.num_updates,
+                    grid_command=" ".join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+    for algo in a.algos:
+        for ds in a.datasets:
+            cell = grid_dir / algo / ds
+            if (cell / "result.json").exists():
+                print(f"skip {algo} {ds}: done")
+                continue
+            cmd = [sys.executable, f"algorithms/{algo}.py", "--env", ds, "--num-seeds", str(a.num_seeds),
+                   "--num-updates", str(a.num_updates), "--eval-interval", str(a.eval_interval),
+                   "--eval-episodes", str(a.eval_episodes), "--log-dir", str(cell.relative_to(ROOT)), *a.extra.split()]
+            ckpt = cell / "checkpoint.msgpack"
+            if ckpt.exists():
+                cmd += ["--load", str(ckpt.relative_to(ROOT))]
+            shown = " ".join(["python", *cmd[1:]])
+            print(shown, flush=True)
+            if a.dry_run:
+                continue
+            cell.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with open(cell / "stdout.log", "a") as log:
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            manifest["cells"][f"{algo}/{ds}"] = {"command": shown, "returncode": rc, "wall_time_s": round(time.time() - t0, 1),
+                                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            manifest_path.write_text(json.dumps(manifest, indent=2))
+            if rc != 0:
+                print(f"  FAILED (rc {rc}); see {cell / 'stdout.log'}", flush=True)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

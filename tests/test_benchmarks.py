@@ -1,0 +1,60 @@
+"""Benchmark statistics and the table/plot aggregation, on small made-up inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from stats import iqm, stratified_bootstrap_ci
+
+
+def test_iqm_hand_values():
+    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
+    assert iqm([0, 1, 2, 100]) == pytest.approx(1.5)  # the outlier is trimmed
+    # n = 5: quantile range [1.25, 3.75] -> weights 0, .75, 1, .75, 0
+    assert iqm([5, 1, 4, 2, 3]) == pytest.approx(3.0)
+    assert iqm([1, 2, 3, 4, 1000]) == pytest.approx((0.75 * 2 + 3 + 0.75 * 4) / 2.5)
+
+
+def test_bootstrap_ci():
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(50, 5, 5), rng.normal(80, 5, 5)]
+    pt, lo, hi = stratified_bootstrap_ci(scores, reps=500)
+    assert lo <= pt <= hi and hi - lo > 1
+    assert stratified_bootstrap_ci(scores, reps=500) == (pt, lo, hi)  # seeded
+    assert stratified_bootstrap_ci([np.full(3, 7.0)], reps=100) == (7.0, 7.0, 7.0)
+
+
+def test_aggregate_tables_and_plots(tmp_path):
+    grid = tmp_path / "runs" / "t"
+    for algo, base in (("bc", 40.0), ("iql", 60.0)):
+        d = grid / algo / "hopper-medium"
+        d.mkdir(parents=True)
+        hist = [{"update": u, "returns": [1.0, 2.0], "normalized": [base * u / 2000, base * u / 2000 + 2]} for u in (1000, 2000)]
+        per_seed = [{"seed": i, "last_return": 1.0, "best_return": 2.0, "last_normalized": base + 2 * i,
+                     "best_normalized": base + 2 * i + 1} for i in range(2)]
+        (d / "result.json").write_text(json.dumps({
+            "algorithm": algo, "dataset": "hopper-medium-v2", "source": "recipe:x", "source_kind": "recipe", "eval_env": "Hopper-v4",
+            "num_updates": 2000, "seeds": [0, 1], "per_seed": per_seed, "eval_history": hist}))
+    (grid / "manifest.json").write_text(json.dumps({"grid_command": "python benchmarks/run.py --label t", "hardware": "test cpu",
+                                                    "cells": {"bc/hopper-medium": {"date": "2026-11-25 12:00 UTC"}}}))
+    r = subprocess.run([sys.executable, "benchmarks/aggregate.py", "--label", "t", "--runs-dir", str(tmp_path / "runs"),
+                        "--out-dir", str(tmp_path / "out"), "--datasets-table", str(tmp_path / "none.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "out" / "t" / "scores.md").read_text()
+    assert "NOT the D4RL dataset" in md
+    assert "| hopper-medium-v2 | recipe | iql | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
+    assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
+    assert "test cpu" in md and "python benchmarks/run.py --label t" in md
+    beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
+    assert "61.0 (+20.0, n/a)" in beats
+    for png in ("bars.png", "curves_hopper-medium-v2.png"):
+        assert (tmp_path / "out" / "t" / png).stat().st_size > 5000
