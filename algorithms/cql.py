@@ -189,6 +189,20 @@ def sample_tanh_gaussian(key: jax.Array, mean: jax.Array, log_std: jax.Array,
 
 
 # ---- Losses ----
+def q_of_samples(q_fn: Callable, obs: jax.Array, actions: jax.Array) -> jax.Array:
+    """Twin Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n].
+
+    q_fn maps ([M, obs], [M, act]) -> [2, M]. The (state, sample) pairs are flattened to M = batch * n rows
+    (XLA:CPU is much faster on plain 2-D matmuls) with row b * n + j = (obs[b], actions[b, j]), and the result
+    is reshaped back to [2, batch, n] in the same order.
+    """
+    batch, n, act_dim = actions.shape
+    obs_rep = jnp.broadcast_to(obs[:, None, :], (batch, n, obs.shape[-1])).reshape(batch * n, obs.shape[-1])
+    q = q_fn(obs_rep, actions.reshape(batch * n, act_dim))
+    chex.assert_shape(q, (2, batch * n))
+    return q.reshape(2, batch, n)
+
+
 def cql_logsumexp(q_rand: jax.Array, q_cur: jax.Array, q_next: jax.Array, log_prob_rand: float | jax.Array,
                   log_prob_cur: jax.Array, log_prob_next: jax.Array, temp: float = 1.0) -> jax.Array:
     """Importance-sampled log sum_a exp Q(s, a) of CQL(H) (CQL paper, Eq. (4) and App. F).
@@ -236,7 +250,7 @@ def make_networks(args: Args, action_dim: int) -> tuple[TanhGaussianActor, Doubl
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], CQLState]:
     actor_def, critic_def = make_networks(args, action_dim)
-    scalar_apply = lambda p: p  # noqa: E731
+    scalar_apply = lambda p: p["value"]  # noqa: E731  (TrainState needs a dict of params)
 
     def init(seed: jax.Array) -> CQLState:
         key, k_actor, k_critic = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -247,8 +261,8 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
                                     tx=optax.adam(args.actor_lr)),
             critic=TrainState.create(apply_fn=critic_def.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
             target_critic_params=critic_params,
-            log_alpha=TrainState.create(apply_fn=scalar_apply, params=jnp.zeros(()), tx=optax.adam(args.alpha_lr)),
-            log_alpha_prime=TrainState.create(apply_fn=scalar_apply, params=jnp.zeros(()),
+            log_alpha=TrainState.create(apply_fn=scalar_apply, params={"value": jnp.zeros(())}, tx=optax.adam(args.alpha_lr)),
+            log_alpha_prime=TrainState.create(apply_fn=scalar_apply, params={"value": jnp.zeros(())},
                                               tx=optax.adam(args.alpha_lr)),
             key=key,
         )
@@ -269,7 +283,7 @@ def make_update(args: Args, hp: dict[str, Any]) -> Callable:
         actor_apply, critic_apply = state.actor.apply_fn, state.critic.apply_fn
 
         # SAC actor and temperature losses (with the current critics).
-        alpha = jnp.exp(state.log_alpha.params)
+        alpha = jnp.exp(state.log_alpha.params["value"])
 
         def actor_loss_fn(params):
             pi, log_prob = sample_tanh_gaussian(k_pi, *actor_apply(params, obs), 1)
@@ -278,7 +292,8 @@ def make_update(args: Args, hp: dict[str, Any]) -> Callable:
 
         (actor_loss, log_prob), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
         actor = state.actor.apply_gradients(grads=grads)
-        alpha_loss, grads = jax.value_and_grad(temperature_loss)(state.log_alpha.params, log_prob, target_entropy)
+        alpha_loss, grads = jax.value_and_grad(
+            lambda p: temperature_loss(p["value"], log_prob, target_entropy))(state.log_alpha.params)
         log_alpha = state.log_alpha.apply_gradients(grads=grads)
 
         # TD target: r + gamma (1 - done) min_i Q'_i(s', a'), a' ~ pi(.|s')  (CQL paper, Eq. (2) backup).
@@ -295,15 +310,15 @@ def make_update(args: Args, hp: dict[str, Any]) -> Callable:
         next_pa, next_pa_log_prob = sample_tanh_gaussian(k_cnext, *actor_apply(state.actor.params, next_obs), n)
         chex.assert_shape([rand_a, cur_a, next_pa], (batch, n, act_dim))
         chex.assert_shape([cur_log_prob, next_pa_log_prob], (batch, n))
-        obs_rep = jnp.broadcast_to(obs[:, None, :], (batch, n, obs.shape[-1]))  # every proposal is scored at s
-        alpha_prime = jnp.clip(jnp.exp(state.log_alpha_prime.params), 0.0, 1e6)
+        alpha_prime = jnp.clip(jnp.exp(state.log_alpha_prime.params["value"]), 0.0, 1e6)
 
         def critic_loss_fn(params):
             q_data = critic_apply(params, obs, act)  # [2, batch]
             td_loss = ((q_data - target) ** 2).mean(1).sum()
-            q_rand = critic_apply(params, obs_rep, rand_a)  # [2, batch, n]
-            q_cur = critic_apply(params, obs_rep, cur_a)
-            q_next = critic_apply(params, obs_rep, next_pa)
+            q_fn = lambda o, a: critic_apply(params, o, a)  # noqa: E731
+            q_rand = q_of_samples(q_fn, obs, rand_a)  # [2, batch, n], every proposal scored at s
+            q_cur = q_of_samples(q_fn, obs, cur_a)
+            q_next = q_of_samples(q_fn, obs, next_pa)
             chex.assert_shape([q_rand, q_cur, q_next], (2, batch, n))
             ood = cql_logsumexp(q_rand, q_cur, q_next, log_prob_rand, cur_log_prob, next_pa_log_prob, args.cql_temp)
             chex.assert_shape(ood, (2, batch))
@@ -325,8 +340,8 @@ def make_update(args: Args, hp: dict[str, Any]) -> Callable:
         log_alpha_prime = state.log_alpha_prime
         metrics = {}
         if args.cql_lagrange:  # dual step: maximize alpha' (gap - tau), i.e. minimize its negative
-            def alpha_prime_loss_fn(log_ap):
-                ap = jnp.clip(jnp.exp(log_ap), 0.0, 1e6)
+            def alpha_prime_loss_fn(p):
+                ap = jnp.clip(jnp.exp(p["value"]), 0.0, 1e6)
                 return -0.5 * (ap * args.cql_alpha * (jax.lax.stop_gradient(gap) - args.cql_target_gap)).sum()
 
             alpha_prime_loss, grads = jax.value_and_grad(alpha_prime_loss_fn)(log_alpha_prime.params)

@@ -1,0 +1,172 @@
+"""Unit tests of the algorithms' loss pieces on small arrays, against hand computations."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(algo: str):
+    spec = importlib.util.spec_from_file_location(f"algo_{algo}", ROOT / "algorithms" / f"{algo}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def iql():
+    return load("iql")
+
+
+@pytest.fixture(scope="module")
+def td3bc():
+    return load("td3bc")
+
+
+@pytest.fixture(scope="module")
+def cql():
+    return load("cql")
+
+
+@pytest.fixture(scope="module")
+def awac():
+    return load("awac")
+
+
+# ---- IQL ----
+def test_expectile_loss(iql):
+    diff = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])  # u = Q - V
+    # |tau - 1(u < 0)| u^2 with tau = 0.7: negative u weighted 0.3, positive u weighted 0.7
+    np.testing.assert_allclose(iql.expectile_loss(diff, 0.7), [1.2, 0.3, 0.0, 0.7, 2.8], rtol=1e-6)
+    # tau = 0.5 is half the squared error
+    np.testing.assert_allclose(iql.expectile_loss(diff, 0.5), 0.5 * np.asarray(diff) ** 2, rtol=1e-6)
+
+
+def test_expectile_regression_finds_expectile(iql):
+    """Minimizing the expectile loss over a constant v gives the tau-expectile (> mean for tau > 0.5)."""
+    x = jnp.array([0.0, 0.0, 0.0, 10.0])
+    v = 0.0
+    for _ in range(2000):
+        v -= 0.05 * jax.grad(lambda v: iql.expectile_loss(x - v, 0.9).mean())(v)
+    # expectile: 0.9 * (10 - v) = 0.1 * 3 v  ->  v = 9 / 1.2 = 7.5
+    assert abs(float(v) - 7.5) < 1e-2
+
+
+def test_iql_advantage_weights_and_clip(iql):
+    q = jnp.array([0.0, 1.0, 10.0, -1.0])
+    v = jnp.zeros(4)
+    w = iql.advantage_weights(q, v, 3.0, 100.0)
+    np.testing.assert_allclose(w, [1.0, math.exp(3.0), 100.0, math.exp(-3.0)], rtol=1e-5)
+
+
+def test_gaussian_log_prob(iql):
+    mean, log_std = jnp.array([[0.0, 1.0]]), jnp.array([0.0, math.log(2.0)])
+    a = jnp.array([[1.0, 1.0]])
+    expected = (-0.5 - 0.5 * math.log(2 * math.pi)) + (-math.log(2.0) - 0.5 * math.log(2 * math.pi))
+    np.testing.assert_allclose(iql.gaussian_log_prob(mean, log_std, a), [expected], rtol=1e-6)
+
+
+def test_iql_q_backup_masks_terminals(iql):
+    out = iql.q_backup(jnp.array([1.0, 1.0]), jnp.array([0.0, 1.0]), jnp.array([10.0, 10.0]), 0.99)
+    np.testing.assert_allclose(out, [1.0 + 9.9, 1.0], rtol=1e-6)
+
+
+# ---- TD3+BC ----
+def test_td3bc_lambda_and_actor_loss(td3bc):
+    q = jnp.array([1.0, -3.0, 2.0, -2.0])  # mean |Q| = 2
+    assert float(td3bc.td3bc_lambda(q, 2.5)) == pytest.approx(1.25)
+    pi, a = jnp.array([[0.5], [0.0], [0.0], [0.0]]), jnp.zeros((4, 1))
+    # -lambda * mean Q + mean (pi - a)^2 = -1.25 * -0.5 + 0.25 / 4
+    assert float(td3bc.td3bc_actor_loss(q, pi, a, 2.5)) == pytest.approx(0.625 + 0.0625)
+    # lambda is a constant: dL/dQ_i = -lambda / N, with no term from d lambda / dQ
+    grad = jax.grad(lambda q: td3bc.td3bc_actor_loss(q, pi, a, 2.5))(q)
+    np.testing.assert_allclose(grad, np.full(4, -1.25 / 4), rtol=1e-6)
+
+
+def test_td3bc_target_smoothing_noise_is_clipped(td3bc):
+    next_pi = jnp.array([0.0, 0.0, 0.0, 0.9, -0.9])
+    noise = jnp.array([10.0, -10.0, 1.0, 10.0, -1.0])  # standard-normal draws, scaled by sigma = 0.2
+    out = td3bc.smoothed_target_action(next_pi, noise, 0.2, 0.5)
+    # 0 + clip(2, +-0.5); 0 + clip(-2); 0 + 0.2; clip(0.9 + 0.5, -1, 1); -0.9 - 0.2 -> clipped at -1
+    np.testing.assert_allclose(out, [0.5, -0.5, 0.2, 1.0, -1.0], rtol=1e-6)
+
+
+def test_td3bc_target_uses_min_of_twin_q(td3bc):
+    next_q = jnp.array([[5.0, -1.0], [3.0, 2.0]])  # [2 critics, batch 2]
+    out = td3bc.td_target(jnp.array([1.0, 1.0]), jnp.array([0.0, 1.0]), next_q, 0.5)
+    np.testing.assert_allclose(out, [1.0 + 0.5 * 3.0, 1.0], rtol=1e-6)
+
+
+# ---- CQL ----
+def test_cql_logsumexp_axes(cql):
+    rng = np.random.default_rng(0)
+    batch, n = 3, 2
+    q_rand, q_cur, q_next = (rng.normal(size=(2, batch, n)).astype(np.float32) * 3 for _ in range(3))
+    lp_cur, lp_next = (rng.normal(size=(batch, n)).astype(np.float32) for _ in range(2))
+    lp_rand = 1 * math.log(0.5)
+    out = cql.cql_logsumexp(*map(jnp.asarray, (q_rand, q_cur, q_next)), lp_rand, jnp.asarray(lp_cur),
+                            jnp.asarray(lp_next))
+    assert out.shape == (2, batch)
+    for i in range(2):
+        for b in range(batch):  # logsumexp over the 3n samples of one state and one critic only
+            vals = np.concatenate([q_rand[i, b] - lp_rand, q_next[i, b] - lp_next[b], q_cur[i, b] - lp_cur[b]])
+            assert float(out[i, b]) == pytest.approx(float(np.log(np.exp(vals).sum())), rel=1e-5)
+    # temperature: temp * logsumexp(x / temp)
+    out_t = cql.cql_logsumexp(*map(jnp.asarray, (q_rand, q_cur, q_next)), lp_rand, jnp.asarray(lp_cur),
+                              jnp.asarray(lp_next), temp=2.0)
+    vals = np.concatenate([q_rand[1, 2] - lp_rand, q_next[1, 2] - lp_next[2], q_cur[1, 2] - lp_cur[2]])
+    assert float(out_t[1, 2]) == pytest.approx(2.0 * float(np.log(np.exp(vals / 2.0).sum())), rel=1e-5)
+
+
+def test_cql_gap_is_per_critic(cql):
+    ood = jnp.array([[1.0, 3.0], [0.0, 0.0]])
+    q_data = jnp.array([[0.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(cql.cql_gap(ood, q_data), [1.5, -1.0])
+
+
+def test_cql_q_of_samples_keeps_state_sample_pairs(cql):
+    """Each Q(s_b, a_bj) must pair state b with its own samples after the flatten/reshape."""
+    batch, n = 3, 4
+    obs = jnp.arange(batch, dtype=jnp.float32)[:, None] * 100.0  # state b has feature 100 b
+    actions = jnp.arange(batch * n, dtype=jnp.float32).reshape(batch, n, 1)
+    q_fn = lambda o, a: jnp.stack([o[:, 0] + a[:, 0], o[:, 0] - a[:, 0]])  # noqa: E731
+    q = cql.q_of_samples(q_fn, obs, actions)
+    assert q.shape == (2, batch, n)
+    for b in range(batch):
+        for j in range(n):
+            assert float(q[0, b, j]) == 100.0 * b + (b * n + j)
+            assert float(q[1, b, j]) == 100.0 * b - (b * n + j)
+
+
+def test_cql_tanh_gaussian_log_prob(cql):
+    mean, log_std = jnp.array([[0.3]]), jnp.array([[math.log(0.5)]])
+    a, log_prob = cql.sample_tanh_gaussian(jax.random.PRNGKey(0), mean, log_std, 5)
+    assert a.shape == (1, 5, 1) and log_prob.shape == (1, 5)
+    u = np.arctanh(np.asarray(a[0, :, 0], np.float64))
+    expected = (-0.5 * ((u - 0.3) / 0.5) ** 2 - math.log(0.5) - 0.5 * math.log(2 * math.pi)
+                - np.log(1 - np.tanh(u) ** 2))
+    np.testing.assert_allclose(log_prob[0], expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- AWAC ----
+def test_awac_weights_and_clip(awac):
+    q, v = jnp.array([1.0, 0.0, 100.0, -1.0]), jnp.zeros(4)
+    w = awac.awac_weights(q, v, 1.0 / 3.0, 100.0)
+    np.testing.assert_allclose(w, [math.exp(3.0), 1.0, 100.0, math.exp(-3.0)], rtol=1e-5)
+    assert float(jax.grad(lambda q: awac.awac_weights(q, v, 1.0 / 3.0, 100.0).sum())(q).sum()) == 0.0
+
+
+# ---- BC ----
+def test_bc_loss():
+    bc = load("bc")
+    assert float(bc.bc_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]]))) == pytest.approx(0.5)
