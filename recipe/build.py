@@ -147,8 +147,13 @@ def write_d4rl(path: Path, arrays: dict[str, np.ndarray], meta: dict, compressio
 
 
 # ---- Datasets ----
-def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and metadata of recipe dataset `name` (e.g. 'hopper-medium')."""
+def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool = True,
+                 reuse_dir: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and metadata of recipe dataset `name` (e.g. 'hopper-medium').
+
+    medium-expert is exactly medium followed by expert (as in D4RL); with `reuse_dir`, parts
+    already built there with the same seed and size are read instead of collected again.
+    """
     env, kind = name.split("-", 1)
     if env not in ENV_IDS:
         raise ValueError(f"unknown env {env!r}; valid: {', '.join(ENV_IDS)}")
@@ -169,7 +174,7 @@ def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool 
         raise ValueError(f"the recipe cannot build kind {kind!r}; valid: {', '.join(levels)}, medium-replay")
     bar = _progress_bar(n * len(levels[kind]), name) if progress else None
     parts = []
-    for j, level in enumerate(levels[kind]):
+    for level in levels[kind]:
         policy = None
         if level is not None:
             p = policy_path(env, level)
@@ -180,11 +185,26 @@ def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool 
             meta[f"policy_{level}"] = json.dumps(policy.meta)
             meta[f"policy_{level}_file"] = p.name
             meta.update({f"policy_{level}_weights/{k}": v for k, v in policy.w.items()})
-        parts.append(collect(env_id, policy, n, seed + 7919 * j, bar.update if bar else None))
+        cached = _cached_part(reuse_dir, env, level, n, seed) if kind == "medium-expert" else None
+        if cached is not None and bar:
+            bar.update(n)
+        parts.append(cached if cached is not None else collect(env_id, policy, n, seed, bar.update if bar else None))
     if bar:
         bar.close()
     meta["algorithm"] = "uniform random" if kind == "random" else "SAC (algorithms/sac.py)"
     return _merge(*parts), meta
+
+
+def _cached_part(reuse_dir: Path | None, env: str, level: str, n: int, seed: int) -> dict[str, np.ndarray] | None:
+    path = None if reuse_dir is None else Path(reuse_dir) / f"{env}-{level}-recipe.hdf5"
+    if path is None or not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        if int(f["metadata/seed"][()]) != seed or len(f["rewards"]) != n or f["metadata/builder_version"][()].decode() != BUILDER_VERSION:
+            return None
+        arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+        arrays.update(qpos=f["infos/qpos"][()], qvel=f["infos/qvel"][()], logp=f["infos/action_log_probs"][()])
+    return arrays
 
 
 def _progress_bar(total: int, name: str):
@@ -205,7 +225,7 @@ def expected_hash(name: str, n: int | None, seed: int) -> str | None:
 def build_dataset(name: str, path: Path, n: int | None = None, seed: int = 0, progress: bool = True) -> Path:
     """Build `name` into `path` (atomically) and return the path."""
     t0 = time.time()
-    arrays, meta = build_arrays(name, n, seed, progress)
+    arrays, meta = build_arrays(name, n, seed, progress, reuse_dir=Path(path).parent)
     digest = array_hash(arrays)
     want = expected_hash(name, n, seed)
     meta.update(sha256=digest, build_time_s=f"{time.time() - t0:.1f}")

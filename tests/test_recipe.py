@@ -136,3 +136,14 @@ def test_cli_build(tmp_path):
     assert "built hopper-random: 300 transitions" in r.stdout
     r = subprocess.run([sys.executable, "-m", "recipe", "build", "hoper-random"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "unknown dataset name" in r.stderr
+
+
+def test_medium_expert_is_medium_then_expert(shipped, tmp_path):
+    """As in D4RL, medium-expert is the concatenation; cached parts are reused byte for byte."""
+    m = build.build_dataset("hopper-medium", tmp_path / "hopper-medium-recipe.hdf5", n=400, progress=False)
+    e = build.build_dataset("hopper-expert", tmp_path / "hopper-expert-recipe.hdf5", n=400, progress=False)
+    fresh, _ = build.build_arrays("hopper-medium-expert", n=400, progress=False)
+    reused, _ = build.build_arrays("hopper-medium-expert", n=400, progress=False, reuse_dir=tmp_path)
+    assert build.array_hash(fresh) == build.array_hash(reused)
+    with h5py.File(m) as fm, h5py.File(e) as fe:
+        np.testing.assert_array_equal(fresh["observations"], np.concatenate([fm["observations"][()], fe["observations"][()]]))
