@@ -185,7 +185,6 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
         env_name = next((e for e, gid in ENVS.items() if info["eval_env"] == gid), None)
     else:
         env_name, kind = parse_name(name_or_path)
-        info["dataset"] = f"{env_name}-{kind}-v2"
         info["eval_env"] = eval_env or ENVS[env_name]
         tried = []
         data = None
@@ -211,9 +210,11 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
                 info.update(source=f"recipe:{p}", source_kind="recipe")
         if data is None:
             raise DatasetError(
-                f"dataset {info['dataset']} not found. Looked in:\n  " + "\n  ".join(tried) +
+                f"dataset {env_name}-{kind} not found. Looked in:\n  " + "\n  ".join(tried) +
                 "\nTo get one: put the D4RL file there (set $D4RL_DATASET_DIR), or a Minari dataset "
                 "($MINARI_DATASETS_PATH), or build the recipe dataset: python -m recipe build " + f"{env_name}-{kind}")
+        # the name says where the data came from: only D4RL's own files are called -v2
+        info["dataset"] = f"{env_name}-{kind}-" + ("v2" if info["source_kind"] == "d4rl" else info["source_kind"])
     if env_name in REF_RETURNS:
         info["ref_min_score"], info["ref_max_score"] = REF_RETURNS[env_name]
     if env_name == "ant" and data["observations"].shape[1] == 111:  # D4RL's Ant keeps contact forces

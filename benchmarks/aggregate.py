@@ -56,8 +56,15 @@ def per_seed(r: dict, key: str) -> list[float | None]:
     return [s[key] for s in r["per_seed"]]
 
 
+def base_name(dataset: str) -> str:
+    """'hopper-medium-recipe' / 'hopper-medium-v2' -> 'hopper-medium'."""
+    for suffix in ("-v2", "-recipe", "-minari", "-d4rl"):
+        dataset = dataset.removesuffix(suffix)
+    return dataset
+
+
 def published_cell(pub, algo: str, dataset: str) -> str:
-    rows = pub.get((PUBLISHED_NAMES.get(algo, algo), dataset), [])
+    rows = pub.get((PUBLISHED_NAMES.get(algo, algo), base_name(dataset) + "-v2"), [])
     return "; ".join(f"{float(p['normalized_score']):.1f} ({p['source']}, {p['kind']})" for p in rows) or "-"
 
 
@@ -197,7 +204,7 @@ def main() -> None:
           "| dataset | data score | BC | " + " | ".join(f"{al} (vs BC, vs data)" for al in algos if al != "bc") + " |",
           "|---" * (3 + len([al for al in algos if al != "bc"])) + "|"]
     for d in datasets:
-        data_score = behaviour.get(d.replace("-v2", ""), {}).get("mean_normalized")
+        data_score = behaviour.get(base_name(d), {}).get("mean_normalized")
         bc = cell.get(("bc", d))
         bc_m = None if bc is None else float(np.mean(per_seed(bc, "last_normalized")))
         row = [d, "n/a" if data_score is None else f"{data_score:.1f}", "n/a" if bc_m is None else f"{bc_m:.1f}"]

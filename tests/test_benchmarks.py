@@ -41,7 +41,7 @@ def test_aggregate_tables_and_plots(tmp_path):
         per_seed = [{"seed": i, "last_return": 1.0, "best_return": 2.0, "last_normalized": base + 2 * i,
                      "best_normalized": base + 2 * i + 1} for i in range(2)]
         (d / "result.json").write_text(json.dumps({
-            "algorithm": algo, "dataset": "hopper-medium-v2", "source": "recipe:x", "source_kind": "recipe", "eval_env": "Hopper-v4",
+            "algorithm": algo, "dataset": "hopper-medium-recipe", "source": "recipe:x", "source_kind": "recipe", "eval_env": "Hopper-v4",
             "num_updates": 2000, "seeds": [0, 1], "per_seed": per_seed, "eval_history": hist}))
     (grid / "manifest.json").write_text(json.dumps({"grid_command": "python benchmarks/run.py --label t", "hardware": "test cpu",
                                                     "cells": {"bc/hopper-medium": {"date": "2026-11-25 12:00 UTC"}}}))
@@ -51,10 +51,10 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "out" / "t" / "scores.md").read_text()
     assert "NOT the D4RL dataset" in md
-    assert "| hopper-medium-v2 | recipe | iql | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
+    assert "| hopper-medium-recipe | recipe | iql | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
     assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
     assert "test cpu" in md and "python benchmarks/run.py --label t" in md
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
-    for png in ("bars.png", "curves_hopper-medium-v2.png"):
+    for png in ("bars.png", "curves_hopper-medium-recipe.png"):
         assert (tmp_path / "out" / "t" / png).stat().st_size > 5000
