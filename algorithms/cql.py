@@ -101,6 +101,10 @@ class Args:
     """Tune the CQL weight by dual gradient descent, CQL paper Eq. (30) ('CQL-Lagrange')."""
     cql_target_gap: float = 10.0
     """Threshold tau of the Lagrange version: the gap E[logsumexp Q] - E[Q(s,a)] it aims for (reference code: 10)."""
+    reward_scale: float = 1.0
+    """Rewards are trained as reward_scale * r + reward_bias (CORL's cql.py options; 1 and 0 for Gym-MuJoCo)."""
+    reward_bias: float = 0.0
+    """See --reward-scale."""
     log_std_min: float = -20.0
     """Lower clip of the actor log-std (SAC / CORL: -20)."""
     log_std_max: float = 2.0
@@ -111,12 +115,13 @@ class Args:
 
 def resolve_hyperparameters(args: Args, info: dict) -> dict[str, Any]:
     """CQL uses one set of hyperparameters for all Gym-MuJoCo datasets (CQL paper, App. F)."""
-    return {"cql_alpha": args.cql_alpha, "lagrange": args.cql_lagrange, "target_gap": args.cql_target_gap}
+    return {"cql_alpha": args.cql_alpha, "lagrange": args.cql_lagrange, "target_gap": args.cql_target_gap,
+            "reward_scale": args.reward_scale, "reward_bias": args.reward_bias}
 
 
 def process_rewards(hp: dict[str, Any], data: dict[str, np.ndarray], info: dict) -> np.ndarray:
-    """CQL uses the raw rewards on Gym-MuJoCo."""
-    return data["rewards"].astype(np.float32)
+    """reward_scale * r + reward_bias (identity by default: CQL uses the raw rewards on Gym-MuJoCo)."""
+    return (hp["reward_scale"] * data["rewards"] + hp["reward_bias"]).astype(np.float32)
 
 
 # ---- Networks ----
@@ -577,8 +582,12 @@ def main(args: Args) -> dict:
         "eval_history": history,
     }
     (log_dir / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"[{ALGORITHM}] done: return {result['last_return']:.1f} (best {result['best_return']:.1f}), normalized "
-          f"{_f(result['last_normalized'])}; {result['updates_per_s'] or 0:.0f} upd/s; result in {log_dir}")
+    norm_msg = "" if last_norm is None else f", normalized {last_norm.mean():.1f} ± {last_norm.std():.1f}"
+    print(f"[{ALGORITHM}] done after {step} updates: return {last_ret.mean():.1f} ± {last_ret.std():.1f}{norm_msg} "
+          f"(best {best_ret.mean():.1f}); {result['updates_per_s'] or 0:.0f} upd/s; result in {log_dir}")
+    for s in per_seed:
+        print(f"[{ALGORITHM}]   seed {s['seed']}: last return {s['last_return']:.1f}, best {s['best_return']:.1f}, "
+              f"last normalized {_f(s['last_normalized'])}, best normalized {_f(s['best_normalized'])}")
     return result
 
 

@@ -540,8 +540,12 @@ def main(args: Args) -> dict:
         "eval_history": history,
     }
     (log_dir / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"[{ALGORITHM}] done: return {result['last_return']:.1f} (best {result['best_return']:.1f}), normalized "
-          f"{_f(result['last_normalized'])}; {result['updates_per_s'] or 0:.0f} upd/s; result in {log_dir}")
+    norm_msg = "" if last_norm is None else f", normalized {last_norm.mean():.1f} ± {last_norm.std():.1f}"
+    print(f"[{ALGORITHM}] done after {step} updates: return {last_ret.mean():.1f} ± {last_ret.std():.1f}{norm_msg} "
+          f"(best {best_ret.mean():.1f}); {result['updates_per_s'] or 0:.0f} upd/s; result in {log_dir}")
+    for s in per_seed:
+        print(f"[{ALGORITHM}]   seed {s['seed']}: last return {s['last_return']:.1f}, best {s['best_return']:.1f}, "
+              f"last normalized {_f(s['last_normalized'])}, best normalized {_f(s['best_normalized'])}")
     return result
 
 
