@@ -159,7 +159,7 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
     """
     if source not in SOURCES:
         raise DatasetError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
-    info: dict = {"eval_env": eval_env, "eval_env_kwargs": {}, "ref_min_score": None, "ref_max_score": None}
+    info: dict = {"task": None, "eval_env": eval_env, "eval_env_kwargs": {}, "ref_min_score": None, "ref_max_score": None}
     path = Path(name_or_path).expanduser()
     looks_like_path = path.suffix in (".hdf5", ".h5") or os.sep in name_or_path or path.exists()
     if looks_like_path:
@@ -215,6 +215,7 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
                 "($MINARI_DATASETS_PATH), or build the recipe dataset: python -m recipe build " + f"{env_name}-{kind}")
         # the name says where the data came from: only D4RL's own files are called -v2
         info["dataset"] = f"{env_name}-{kind}-" + ("v2" if info["source_kind"] == "d4rl" else info["source_kind"])
+        info["task"] = f"{env_name}-{kind}"  # the same for every source: keys per-dataset presets
     if env_name in REF_RETURNS:
         info["ref_min_score"], info["ref_max_score"] = REF_RETURNS[env_name]
     if env_name == "ant" and data["observations"].shape[1] == 111:  # D4RL's Ant keeps contact forces

@@ -169,7 +169,7 @@ def resolve_hyperparameters(args: Args, info: dict) -> dict[str, Any]:
     """The preset for this dataset, with --horizon/--penalty-coef overrides applied."""
     name = args.preset
     if name == "auto":
-        tag = str(info["dataset"]).removesuffix("-v2")
+        tag = info.get("task") or str(info["dataset"]).removesuffix("-v2")
         name = tag if tag in PRESETS else "default"
     if name not in PRESETS:
         raise SystemExit(f"error: unknown --preset {args.preset!r}; choose auto or one of {sorted(PRESETS)}")

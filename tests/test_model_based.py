@@ -258,6 +258,9 @@ def test_presets():
     assert hp["preset"] == "default" and hp["horizon"] == 3
     hp = combo.resolve_hyperparameters(combo.Args(), {"dataset": "hopper-medium-v2"})
     assert (hp["horizon"], hp["beta"]) == (5, 5.0)
+    # recipe data is keyed by its task name, not by a D4RL -v2 name
+    hp = mopo.resolve_hyperparameters(mopo.Args(), {"dataset": "walker2d-medium-replay-recipe", "task": "walker2d-medium-replay"})
+    assert hp["preset"] == "walker2d-medium-replay" and hp["horizon"] == 1
     assert combo.Args().real_ratio == 0.5 and mopo.Args().real_ratio == 0.05
 
 

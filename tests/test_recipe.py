@@ -92,6 +92,7 @@ def test_random_kind_needs_no_policy_and_first_use_builds(tmp_path, monkeypatch)
     monkeypatch.setattr(build, "NUM_TRANSITIONS", 1500)
     data, info = common.load_dataset("walker2d-random")
     assert info["source_kind"] == "recipe" and str(tmp_path / "cache") in info["source"]
+    assert info["task"] == "walker2d-random"
     assert info["dataset"] == "walker2d-random-recipe"  # never called -v2: that name is D4RL's
     assert len(data["rewards"]) == 1500
     # the second load reads the cached file, byte for byte the same data
