@@ -84,11 +84,16 @@ def main() -> None:
             t0 = time.time()
             with open(cell / "stdout.log", "a") as log:
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            # re-read before writing: another runner may be filling other cells of the same grid
+            cells = json.loads(manifest_path.read_text())["cells"] if manifest_path.exists() else {}
+            manifest["cells"] = {**cells, **manifest["cells"]}
             manifest["cells"][f"{algo}/{ds}"] = {"command": shown, "returncode": rc, "wall_time_s": round(time.time() - t0, 1),
                                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             manifest_path.write_text(json.dumps(manifest, indent=2))
             if rc != 0:
                 print(f"  FAILED (rc {rc}); see {cell / 'stdout.log'}", flush=True)
+    cells = json.loads(manifest_path.read_text())["cells"] if manifest_path.exists() else {}
+    manifest["cells"] = {**cells, **manifest["cells"]}
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
