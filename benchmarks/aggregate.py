@@ -154,7 +154,8 @@ def main() -> None:
 
     head = [f"# Scores: {a.label}", "",
             f"**Data: {'; '.join(SOURCE_NOTE.get(k, k) for k in kinds)}.**", "",
-            f"- Command: `{manifest.get('grid_command', 'see manifest.json')}`, then `python benchmarks/aggregate.py --label {a.label}`",
+            f"- Commands: one per cell, listed under 'Runs' below (from {grid.name}/manifest.json), then "
+            f"`python benchmarks/aggregate.py --label {a.label}`",
             f"- Updates: {sorted({r['num_updates'] for r in runs})}; seeds per cell: {sorted({len(r['seeds']) for r in runs})}",
             f"- Hardware: {manifest.get('hardware', 'unknown')}",
             f"- Dates: {', '.join(sorted({c['date'][:10] for c in manifest.get('cells', {}).values()})) or 'unknown'}",
@@ -190,6 +191,9 @@ def main() -> None:
             pt, lo, hi = stratified_bootstrap_ci(scores)
             row += [f"{np.mean([s.mean() for s in scores]):.1f}", f"{pt:.1f} [{lo:.1f}, {hi:.1f}]"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Runs", "", "| cell | command | wall time | date |", "|---|---|---|---|"]
+    for name, c in sorted(manifest.get("cells", {}).items()):
+        lines.append(f"| {name} | `{c['command']}` | {c['wall_time_s'] / 60:.1f} min | {c['date']} |")
     lines += ["", "![final scores](bars.png)", ""] + [f"![{d}](curves_{d}.png)" for d in datasets]
     (out / "scores.md").write_text("\n".join(lines) + "\n")
     with open(out / "scores.csv", "w", newline="") as f:
@@ -198,7 +202,7 @@ def main() -> None:
         w.writerows(rows_csv)
 
     # Does offline RL beat the data?
-    bl = [*head[:3], "# Does offline RL beat the data?", "",
+    bl = [f"# Does offline RL beat the data? ({a.label})", "", *[h.replace("below", "in scores.md") for h in head[2:8]], "",
           "Last normalized score of each algorithm minus BC's and minus the behaviour data's own mean normalized episode score "
           "(from benchmarks/results/datasets.md). Positive: the algorithm improved on it.", "",
           "| dataset | data score | BC | " + " | ".join(f"{al} (vs BC, vs data)" for al in algos if al != "bc") + " |",

@@ -44,7 +44,8 @@ def test_aggregate_tables_and_plots(tmp_path):
             "algorithm": algo, "dataset": "hopper-medium-recipe", "source": "recipe:x", "source_kind": "recipe", "eval_env": "Hopper-v4",
             "num_updates": 2000, "seeds": [0, 1], "per_seed": per_seed, "eval_history": hist}))
     (grid / "manifest.json").write_text(json.dumps({"grid_command": "python benchmarks/run.py --label t", "hardware": "test cpu",
-                                                    "cells": {"bc/hopper-medium": {"date": "2026-11-25 12:00 UTC"}}}))
+                                                    "cells": {"bc/hopper-medium": {"date": "2026-11-25 12:00 UTC", "wall_time_s": 60.0,
+                                                                                        "command": "python algorithms/bc.py --env hopper-medium"}}}))
     r = subprocess.run([sys.executable, "benchmarks/aggregate.py", "--label", "t", "--runs-dir", str(tmp_path / "runs"),
                         "--out-dir", str(tmp_path / "out"), "--datasets-table", str(tmp_path / "none.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -53,7 +54,7 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert "NOT the D4RL dataset" in md
     assert "| hopper-medium-recipe | recipe | iql | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
     assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
-    assert "test cpu" in md and "python benchmarks/run.py --label t" in md
+    assert "test cpu" in md and "| bc/hopper-medium | `python algorithms/bc.py --env hopper-medium` | 1.0 min |" in md
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
     for png in ("bars.png", "curves_hopper-medium-recipe.png"):
