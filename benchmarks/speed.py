@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--seed-updates", type=int, default=20_000, help="updates x seeds per measurement (at least 500 updates)")
     p.add_argument("--extra", default="", help="extra flags for every script")
+    p.add_argument("--note", default="", help="conditions of the measurement, printed in the table (e.g. pinned cores, other load)")
     a = p.parse_args()
     out_dir = ROOT / "benchmarks" / "results"
     rows = []
@@ -80,7 +81,8 @@ def main() -> None:
     lines = [f"# Speed: {a.label}", "", f"- Hardware: {hw}", f"- Date: {date}",
              f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
              "- Batch 256, 2x256 hidden layers (the scripts' defaults); synthetic Hopper-shaped data (100k transitions).",
-             "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.", "",
+             "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.",
+             *([f"- Conditions: {a.note}"] if a.note else []), "",
              "| algorithm | seeds | updates/s (per seed) | seed-updates/s | compile (s) | 1M updates, train only | 1M updates + compile | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
