@@ -161,14 +161,16 @@ def main() -> None:
             f"- Dates: {', '.join(sorted({c['date'][:10] for c in manifest.get('cells', {}).values()})) or 'unknown'}",
             "- Scores are D4RL normalized scores, 100 (R - R_random) / (R_expert - R_random), with D4RL's reference returns.",
             "- `last`: the final evaluation; `best`: the best evaluation during training (published tables mix the two).", ""]
-    lines = [*head, "| dataset | source | algorithm | last | best | return (last) | published (source, kind) |", "|---|---|---|---|---|---|---|"]
+    lines = [*head, "| dataset | source | algorithm | updates × seeds | last | best | return (last) | published (source, kind) |",
+             "|---|---|---|---|---|---|---|---|"]
     rows_csv = []
     for d in datasets:
         for al in algos:
             r = cell.get((al, d))
             if r is None:
                 continue
-            lines.append(f"| {d} | {r['source_kind']} | {al} | {ms(per_seed(r, 'last_normalized'))} | {ms(per_seed(r, 'best_normalized'))} "
+            lines.append(f"| {d} | {r['source_kind']} | {al} | {r['num_updates']:,} × {len(r['seeds'])} "
+                         f"| {ms(per_seed(r, 'last_normalized'))} | {ms(per_seed(r, 'best_normalized'))} "
                          f"| {ms(per_seed(r, 'last_return'))} | {published_cell(pub, al, d)} |")
             rows_csv.append({"dataset": d, "source_kind": r["source_kind"], "algorithm": al, "num_updates": r["num_updates"],
                              "seeds": len(r["seeds"]), "last_normalized_mean": np.mean(per_seed(r, "last_normalized")),
@@ -191,9 +193,11 @@ def main() -> None:
             pt, lo, hi = stratified_bootstrap_ci(scores)
             row += [f"{np.mean([s.mean() for s in scores]):.1f}", f"{pt:.1f} [{lo:.1f}, {hi:.1f}]"]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Runs", "", "| cell | command | wall time | date |", "|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| cell | command | wall time | phases | date |", "|---|---|---|---|---|"]
     for name, c in sorted(manifest.get("cells", {}).items()):
-        lines.append(f"| {name} | `{c['command']}` | {c['wall_time_s'] / 60:.1f} min | {c['date']} |")
+        r = cell.get((name.split("/")[0], next((d for d in datasets if base_name(d) == name.split("/")[1]), "")), {})
+        phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("phase_times_s", {}).items()) or "-"
+        lines.append(f"| {name} | `{c['command']}` | {c['wall_time_s'] / 60:.1f} min | {phases} | {c['date']} |")
     lines += ["", "![final scores](bars.png)", ""] + [f"![{d}](curves_{d}.png)" for d in datasets]
     (out / "scores.md").write_text("\n".join(lines) + "\n")
     with open(out / "scores.csv", "w", newline="") as f:

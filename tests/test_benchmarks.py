@@ -52,9 +52,9 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "out" / "t" / "scores.md").read_text()
     assert "NOT the D4RL dataset" in md
-    assert "| hopper-medium-recipe | recipe | iql | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
+    assert "| hopper-medium-recipe | recipe | iql | 2,000 × 2 | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
     assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
-    assert "test cpu" in md and "| bc/hopper-medium | `python algorithms/bc.py --env hopper-medium` | 1.0 min |" in md
+    assert "test cpu" in md and "| bc/hopper-medium | `python algorithms/bc.py --env hopper-medium` | 1.0 min | - |" in md
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
     for png in ("bars.png", "curves_hopper-medium-recipe.png"):
