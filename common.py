@@ -198,8 +198,11 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
             p = minari_path(env_name, kind)
             tried.append(f"minari: {p}")
             if p.exists():
-                data, ends, _ = read_minari(p)
+                data, ends, meta = read_minari(p)
                 info.update(source=f"minari:{p}", source_kind="minari")
+                if eval_env is None and meta.get("env_spec"):  # evaluate in the env the data was recorded in
+                    info["eval_env_spec"] = meta["env_spec"]
+                    info["eval_env"] = json.loads(meta["env_spec"])["id"]
         if data is None and source in ("auto", "recipe"):
             p = recipe_path(env_name, kind)
             tried.append(f"recipe: {p}")

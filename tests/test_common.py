@@ -99,7 +99,7 @@ def test_minari_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "none"))
     env = minari.DataCollector(gym.make("Hopper-v4"))
     env.reset(seed=0)
-    obs_log, steps = [], 0
+    steps = 0
     while steps < 300:
         _, _, term, trunc, _ = env.step(env.action_space.sample())
         steps += 1
@@ -114,9 +114,9 @@ def test_minari_round_trip(tmp_path, monkeypatch):
     # inside an episode, the next observation is the following row's observation
     inner = np.setdiff1d(np.arange(299), info["episode_ends"] - 1)
     np.testing.assert_array_equal(data["next_observations"][inner], data["observations"][inner + 1])
+    assert info["eval_env_spec"] and info["eval_env"] == "Hopper-v4"  # the recorded env spec is used
     venv = common.make_eval_env(info, 2)
-    assert venv.num_envs == 2
-    obs_log.append(venv.reset(seed=0)[0])
+    assert venv.num_envs == 2 and venv.reset(seed=0)[0].shape == (2, 11)
     # a Minari folder path works too, with the env spec it recorded
     data2, info2 = common.load_dataset(str(tmp_path / "minari" / "mujoco" / "hopper" / "medium-v0"))
     assert info2["eval_env"] == "Hopper-v4" and len(data2["rewards"]) == 300
