@@ -1,10 +1,13 @@
 """Soft Actor-Critic (Haarnoja et al. 2018, "SAC: Algorithms and Applications"), online.
 
 Trains the behaviour policies of the D4RL-recipe datasets (see `recipe/`), in the same
-single-file style as the offline algorithms. One gymnasium env is stepped on the host;
-each env step makes one jitted call that does one SAC update and samples the next action.
+single-file style as the offline algorithms. `num_envs` gymnasium envs are stepped in
+lockstep on the host; each iteration makes one jitted call that runs `num_envs` SAC updates
+(a `lax.scan`, so the update-to-data ratio stays 1 as in the paper) and samples the next
+action of every env. One env is the paper's setting; 8 envs keep a GPU busy.
 
     python algorithms/sac.py --env Hopper-v4 --total-steps 1000000
+    python algorithms/sac.py --env HalfCheetah-v4 --num-envs 8 --max-time-s 3600
 
 Every `snapshot_interval` steps the actor is evaluated (stochastic and deterministic) and
 saved as a small `.npz` in `<log_dir>/snapshots/`: the recipe picks its "medium" and
@@ -40,7 +43,11 @@ class Args:
     seed: int = 0
     """Random seed (env reset, network init, action noise)."""
     total_steps: int = 1_000_000
-    """Environment steps in total (one SAC update per step after `learning_starts`)."""
+    """Environment steps in total, over all envs (one SAC update per step after `learning_starts`)."""
+    num_envs: int = 1
+    """Envs stepped in lockstep; each iteration adds `num_envs` transitions and runs `num_envs` updates."""
+    max_time_s: float = 0.0
+    """Stop after this many seconds of wall time, with a final snapshot and checkpoint (0: no limit)."""
     learning_starts: int = 10_000
     """Uniform-random actions for this many steps before learning starts (SAC paper: 10k)."""
     batch_size: int = 256
@@ -182,16 +189,23 @@ def make_agent(args: Args, obs_dim: int, act_dim: int):
         m, ls = actor.apply(actor_params, obs)
         return (jnp.tanh(m), jnp.zeros(m.shape[0])) if deterministic else sample_action(m, ls, key)
 
-    return init, update, act
+    def update_and_act(s: TrainState, batches: dict, obs: jax.Array) -> tuple[TrainState, dict, jax.Array, jax.Array]:
+        """`len(batches)` updates in one device call, then a fresh action for every env."""
+        s, metrics = jax.lax.scan(update, s, batches)
+        a, logp = act(s.actor, obs, jax.random.fold_in(s.key, 1), False)
+        return s, jax.tree.map(lambda m: m[-1], metrics), a, logp
+
+    return init, update_and_act, act
 
 
 # ---- Replay buffer (host memory) ----
-BUFFER_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "qpos", "qvel", "action_log_probs")
+BUFFER_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "qpos", "qvel",
+               "action_log_probs", "env_index")
 
 
 def new_buffer(size: int, obs_dim: int, act_dim: int, nq: int, nv: int) -> dict[str, np.ndarray]:
     shapes = {"observations": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_observations": (obs_dim,),
-              "terminals": (), "timeouts": (), "qpos": (nq,), "qvel": (nv,), "action_log_probs": ()}
+              "terminals": (), "timeouts": (), "qpos": (nq,), "qvel": (nv,), "action_log_probs": (), "env_index": ()}
     return {k: np.zeros((size, *shapes[k]), np.float32) for k in BUFFER_KEYS}
 
 
@@ -205,21 +219,25 @@ def atomic_write(path: Path, write_fn) -> None:
 
 # ---- Evaluation ----
 def evaluate(env_id: str, act_fn, params, episodes: int, seed: int, deterministic: bool) -> float:
-    """Mean undiscounted return of `episodes` episodes in a fresh env."""
-    env, key, rets = gym.make(env_id), jax.random.PRNGKey(seed), []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, ret = False, 0.0
-        while not done:
-            key, k = jax.random.split(key)
-            a = np.asarray(act_fn(params, obs[None].astype(np.float32), k, deterministic)[0])[0]
-            obs, r, term, trunc, _ = env.step(a)
-            ret, done = ret + float(r), term or trunc
-        rets.append(ret)
-    return float(np.mean(rets))
+    """Mean undiscounted return of `episodes` episodes, run in lockstep in fresh envs."""
+    envs, key = [gym.make(env_id) for _ in range(episodes)], jax.random.PRNGKey(seed)
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    rets, done = np.zeros(episodes), np.zeros(episodes, bool)
+    while not done.all():
+        key, k = jax.random.split(key)
+        a = np.asarray(act_fn(params, obs, k, deterministic)[0])
+        for i in np.flatnonzero(~done):
+            o, r, term, trunc, _ = envs[i].step(a[i])
+            obs[i], rets[i], done[i] = o, rets[i] + r, term or trunc
+    return float(rets.mean())
 
 
 # ---- Main ----
+def crossed(step: int, k: int, interval: int) -> bool:
+    """Whether the last `k` steps passed a multiple of `interval`."""
+    return step // interval != (step - k) // interval
+
+
 def main(args: Args) -> None:
     log_dir = Path(args.log_dir or f"runs/sac/{args.env}/{args.seed}")
     (log_dir / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -227,16 +245,17 @@ def main(args: Args) -> None:
     buffer_path = save_path.with_suffix(".buffer.npz")
     (log_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
-    env = gym.make(args.env)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    assert np.allclose(env.action_space.high, 1.0), "SAC here assumes actions in [-1, 1]"
-    init, update, act = make_agent(args, obs_dim, act_dim)
-    update = jax.jit(update, donate_argnums=0)
+    K = args.num_envs
+    envs = [gym.make(args.env) for _ in range(K)]
+    obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
+    assert np.allclose(envs[0].action_space.high, 1.0), "SAC here assumes actions in [-1, 1]"
+    init, update_and_act, act = make_agent(args, obs_dim, act_dim)
+    update_and_act = jax.jit(update_and_act, donate_argnums=0)
     act = jax.jit(act, static_argnums=3)
 
     state = init(jax.random.PRNGKey(args.seed))
-    uw = env.unwrapped
-    buf = new_buffer(args.buffer_size, obs_dim, act_dim, uw.data.qpos.size, uw.data.qvel.size)
+    uws = [e.unwrapped for e in envs]
+    buf = new_buffer(args.buffer_size, obs_dim, act_dim, uws[0].data.qpos.size, uws[0].data.qvel.size)
     step, ptr, episode = 0, 0, 0
     if args.load:
         with open(args.load, "rb") as f:
@@ -245,51 +264,62 @@ def main(args: Args) -> None:
         step, ptr, episode = int(blob["step"]), int(blob["ptr"]), int(blob["episode"])
         with np.load(Path(args.load).with_suffix(".buffer.npz")) as z:
             for k in BUFFER_KEYS:
-                buf[k][: len(z[k])] = z[k]
+                if k in z.files:  # buffers of older runs have no env_index
+                    buf[k][: len(z[k])] = z[k]
         print(f"resumed from {args.load} at step {step}")
+
+    def save_checkpoint() -> None:
+        n = min(ptr, args.buffer_size)
+        atomic_write(buffer_path, lambda f: np.savez(f, **{k: v[:n] for k, v in buf.items()}))
+        blob = {"state": flax.serialization.to_state_dict(jax.device_get(state)), "step": step, "ptr": ptr, "episode": episode}
+        atomic_write(save_path, lambda f: f.write(flax.serialization.msgpack_serialize(blob)))
 
     writer = Writer(str(log_dir))
     rng = np.random.default_rng(args.seed + step)
-    obs, _ = env.reset(seed=args.seed + episode)
-    ep_ret, ep_len, t0, t_last, metrics = 0.0, 0, time.time(), time.time(), None
+    obs = np.zeros((K, obs_dim), np.float32)
+    for i, e in enumerate(envs):
+        obs[i] = e.reset(seed=args.seed + episode)[0]
+        episode += 1
+    ep_ret, ep_len = np.zeros(K), np.zeros(K, int)
+    t0, t_last, step_last, metrics = time.time(), time.time(), step, None
     snapshots_file = log_dir / "snapshots.jsonl"
     while step < args.total_steps:
-        qpos, qvel = uw.data.qpos.copy(), uw.data.qvel.copy()
+        qpos, qvel = [u.data.qpos.copy() for u in uws], [u.data.qvel.copy() for u in uws]
         if step < args.learning_starts:
-            a, logp = rng.uniform(-1, 1, act_dim).astype(np.float32), act_dim * np.log(0.5)
-        else:
-            batch_idx = rng.integers(0, min(ptr, args.buffer_size), args.batch_size)
-            batch = {k: buf[k][batch_idx] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-            state, metrics = update(state, batch)
-            key = jax.random.fold_in(state.key, 1)
-            a, logp = jax.device_get(act(state.actor, obs[None].astype(np.float32), key, False))
-            a, logp = a[0], logp[0]
-        nobs, r, term, trunc, _ = env.step(a)
-        i = ptr % args.buffer_size
-        for k, v in (("observations", obs), ("actions", a), ("rewards", r), ("next_observations", nobs),
-                     ("terminals", term), ("timeouts", trunc and not term), ("qpos", qpos), ("qvel", qvel),
-                     ("action_log_probs", logp)):
-            buf[k][i] = v
-        ptr, step, ep_ret, ep_len = ptr + 1, step + 1, ep_ret + float(r), ep_len + 1
-        obs = nobs
-        if term or trunc:
-            writer.add_scalar("train/episode_return", ep_ret, step)
-            writer.add_scalar("train/episode_length", ep_len, step)
-            episode += 1
-            obs, _ = env.reset(seed=args.seed + episode)
-            ep_ret, ep_len = 0.0, 0
+            a, logp = rng.uniform(-1, 1, (K, act_dim)).astype(np.float32), np.full(K, act_dim * np.log(0.5))
+        else:  # K updates on K minibatches sampled from the buffer (host), then the next K actions
+            idx = rng.integers(0, min(ptr, args.buffer_size), (K, args.batch_size))
+            batches = {k: buf[k][idx] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+            state, metrics, a, logp = update_and_act(state, batches, obs)
+            a, logp = jax.device_get((a, logp))
+        for i, env in enumerate(envs):
+            nobs, r, term, trunc, _ = env.step(a[i])
+            j = ptr % args.buffer_size
+            for k, v in (("observations", obs[i]), ("actions", a[i]), ("rewards", r), ("next_observations", nobs),
+                         ("terminals", term), ("timeouts", trunc and not term), ("qpos", qpos[i]), ("qvel", qvel[i]),
+                         ("action_log_probs", logp[i]), ("env_index", i)):
+                buf[k][j] = v
+            ptr, ep_ret[i], ep_len[i] = ptr + 1, ep_ret[i] + r, ep_len[i] + 1
+            obs[i] = nobs
+            if term or trunc:
+                writer.add_scalar("train/episode_return", ep_ret[i], step + i + 1)
+                writer.add_scalar("train/episode_length", ep_len[i], step + i + 1)
+                obs[i] = env.reset(seed=args.seed + episode)[0]
+                episode, ep_ret[i], ep_len[i] = episode + 1, 0.0, 0
+        step += K
+        out_of_time = args.max_time_s > 0 and time.time() - t0 > args.max_time_s
 
-        if step % args.snapshot_interval == 0:
+        if crossed(step, K, args.snapshot_interval) or out_of_time or step >= args.total_steps:
             if metrics is not None:
                 for k, v in metrics.items():
                     v = float(v)
                     if not np.isfinite(v):
                         raise FloatingPointError(f"SAC {k} is {v} at step {step}; last good checkpoint: {save_path}")
                     writer.add_scalar(f"train/{k}", v, step)
-            sps = args.snapshot_interval / (time.time() - t_last)
+            sps = (step - step_last) / (time.time() - t_last)
             stoch = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, False)
             det = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, True)
-            t_last = time.time()
+            t_last, step_last = time.time(), step
             writer.add_scalar("eval/return_stochastic", stoch, step)
             writer.add_scalar("eval/return_deterministic", det, step)
             writer.add_scalar("train/steps_per_s", sps, step)
@@ -303,11 +333,11 @@ def main(args: Args) -> None:
             print(f"step {step:>8d} | stoch {stoch:8.1f} | det {det:8.1f} | {sps:6.1f} steps/s | {time.time() - t0:7.0f}s", flush=True)
             writer.flush()
 
-        if step % args.checkpoint_interval == 0 or step == args.total_steps:
-            n = min(ptr, args.buffer_size)
-            atomic_write(buffer_path, lambda f, n=n: np.savez(f, **{k: v[:n] for k, v in buf.items()}))
-            blob = {"state": flax.serialization.to_state_dict(jax.device_get(state)), "step": step, "ptr": ptr, "episode": episode}
-            atomic_write(save_path, lambda f, b=blob: f.write(flax.serialization.msgpack_serialize(b)))
+        if crossed(step, K, args.checkpoint_interval) or out_of_time or step >= args.total_steps:
+            save_checkpoint()
+        if out_of_time:
+            print(f"stopped at step {step}: --max-time-s {args.max_time_s} reached (checkpoint saved)")
+            break
     writer.close()
 
 

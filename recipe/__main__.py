@@ -3,6 +3,7 @@
     python -m recipe build hopper-medium            # into $OFFRL_DATA_DIR (default ~/.cache/offrl)
     python -m recipe build hopper-medium --out x.hdf5 --num-transitions 5000 --seed 1
     python -m recipe export --run runs/sac/Hopper-v4/0 --env hopper   # SAC run -> policies/ and data/
+    python -m recipe export --run runs/sac/Hopper-v4/0 --env hopper --out-dir /tmp/ship
     python -m recipe list                                # what this checkout can build
 """
 
@@ -53,30 +54,37 @@ def cmd_export(a: argparse.Namespace) -> None:
     config = json.loads((run / "config.json").read_text())
     training = {"algorithm": "SAC (algorithms/sac.py)", "env_id": config["env"], "seed": config["seed"],
                 "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores", "config": config}
-    build.POLICY_DIR.mkdir(exist_ok=True)
+    policy_dir, data_dir = (Path(a.out_dir) / "policies", Path(a.out_dir) / "data") if a.out_dir else (build.POLICY_DIR, build.DATA_DIR)
+    policy_dir.mkdir(parents=True, exist_ok=True)
     for level, snap in (("expert", expert), ("medium", medium)):
         with np.load(run / "snapshots" / snap["file"]) as z:
             w = {k: z[k] for k in z.files}
         meta = {**training, "level": level, **{k: snap[k] for k in ("step", "return_stochastic", "return_deterministic", "wall_time_s")},
                 "expert_return_stochastic": expert["return_stochastic"]}
-        out = build.policy_path(a.env, level)
+        out = policy_dir / f"{a.env}-{level}.npz"
         np.savez(out, meta=json.dumps(meta), **w)
         print(f"{out}: step {snap['step']}, stochastic return {snap['return_stochastic']:.1f}")
-    # medium-replay: the replay buffer up to the medium policy's step (the buffer never wraps below 1M)
+    # medium-replay: the replay buffer up to the medium policy's step (the buffer never wraps below 1M;
+    # a step counts buffer rows, K per iteration when sac.py steps K envs)
     with np.load(run / "checkpoint.buffer.npz") as z:
         if len(z["rewards"]) < medium["step"]:
             sys.exit(f"the saved buffer holds {len(z['rewards'])} steps < the medium step {medium['step']}")
         arrays = {k: z[k][: medium["step"]] for k in z.files}
     arrays["logp"] = arrays.pop("action_log_probs")
-    # the buffer's last episode is cut off at the medium step: flag it as a timeout (true next state stored)
-    if arrays["terminals"][-1] == 0:
-        arrays["timeouts"][-1] = 1.0
+    # K envs stepped in lockstep interleave their episodes row by row: a stable sort by env makes each
+    # env's transitions one contiguous block in time order, the layout the recipe's own datasets have
+    env = arrays.pop("env_index", np.zeros(len(arrays["rewards"]), np.float32))
+    order = np.argsort(env, kind="stable")
+    arrays, env = {k: v[order] for k, v in arrays.items()}, env[order]
+    # each block's last episode is cut off at the medium step: flag it as a timeout (true next state stored)
+    block_end = np.append(env[1:] != env[:-1], True)
+    arrays["timeouts"][block_end & (arrays["terminals"] == 0)] = 1.0
     meta = {"source": build.SOURCE, "env_id": config["env"], "kind": "medium-replay", "builder_version": build.BUILDER_VERSION,
-            "algorithm": "SAC replay buffer (algorithms/sac.py)", "policy_step": medium["step"], "training": json.dumps(training),
-            "sha256": build.array_hash(arrays)}
-    out = build.DATA_DIR / f"{a.env}-medium-replay.hdf5"
-    build.write_d4rl(out, arrays, meta, compression="gzip")
-    print(f"{out}: {medium['step']} transitions")
+            "algorithm": "SAC replay buffer (algorithms/sac.py)", "policy_step": medium["step"],
+            "num_envs": config.get("num_envs", 1), "training": json.dumps(training)}
+    out = data_dir / f"{a.env}-medium-replay.hdf5"
+    build.write_replay(out, arrays, meta)  # compact encoding; metadata/sha256 = hash of the decoded arrays
+    print(f"{out}: {medium['step']} transitions from {meta['num_envs']} env(s), {out.stat().st_size / 1e6:.1f} MB")
 
 
 def main() -> None:
@@ -96,6 +104,7 @@ def main() -> None:
     e.add_argument("--expert-step", type=int, default=0, help="snapshot step of the expert (default: best)")
     e.add_argument("--medium-step", type=int, default=0, help="snapshot step of the medium policy (default: closest to 1/3)")
     e.add_argument("--medium-fraction", type=float, default=1 / 3, help="medium return / expert return (D4RL: about 1/3)")
+    e.add_argument("--out-dir", help="write policies/ and data/ into this folder (default: the recipe folder)")
     e.set_defaults(fn=cmd_export)
     a = p.parse_args()
     try:

@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gymnasium as gym
@@ -128,22 +129,130 @@ def array_hash(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def write_d4rl(path: Path, arrays: dict[str, np.ndarray], meta: dict, compression: str | None = None) -> None:
-    """Write the D4RL HDF5 layout atomically: <path>.tmp-<pid>, then rename."""
+@contextmanager
+def _atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file written as <path>.tmp-<pid> and renamed when complete: an interrupted write leaves nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
-            for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
-                f.create_dataset(k, data=arrays[k], compression=compression)
-            for k, src in (("qpos", "qpos"), ("qvel", "qvel"), ("action_log_probs", "logp")):
-                f.create_dataset(f"infos/{k}", data=arrays[src], compression=compression)
-            for k, v in meta.items():
-                f.create_dataset(f"metadata/{k}", data=v if isinstance(v, np.ndarray) else str(v))
+            yield f
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_meta(f: h5py.File, meta: dict) -> None:
+    for k, v in meta.items():
+        f.create_dataset(f"metadata/{k}", data=v if isinstance(v, np.ndarray) else str(v))
+
+
+def write_d4rl(path: Path, arrays: dict[str, np.ndarray], meta: dict, compression: str | None = None) -> None:
+    """Write the D4RL HDF5 layout atomically."""
+    with _atomic_h5(path) as f:
+        for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+            f.create_dataset(k, data=arrays[k], compression=compression)
+        for k, src in (("qpos", "qpos"), ("qvel", "qvel"), ("action_log_probs", "logp")):
+            f.create_dataset(f"infos/{k}", data=arrays[src], compression=compression)
+        _write_meta(f, meta)
+
+
+def _read_d4rl(f: h5py.File) -> dict[str, np.ndarray]:
+    arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    arrays.update(qpos=f["infos/qpos"][()], qvel=f["infos/qvel"][()], logp=f["infos/action_log_probs"][()])
+    return arrays
+
+
+# ---- Shipped replay data: a compact, exactly reversible encoding ----
+# The medium-replay slices live in the repository, which must stay small, and most of their bytes
+# repeat others: inside an episode next_observations[i] == observations[i+1], and in the MuJoCo
+# locomotion envs observations = qpos[1:] ++ qvel (qvel clipped to +-10 for hopper and walker2d).
+# XOR of the float32 bit patterns with the words they repeat leaves mostly zeros, which gzip all but
+# removes; XOR is its own inverse, so decoding is bit-exact (-0.0 and clipped entries included).
+# The arrays sit under encoded/, not at the top level, so that a plain D4RL reader fails loudly on the
+# file instead of reading XOR words as next observations.
+ENCODING = "xor-v1"
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+
+
+def _next_rows(obs_bits: np.ndarray) -> np.ndarray:
+    """observations[i + 1] for each row i (zeros for the last)."""
+    nxt = np.zeros_like(obs_bits)
+    nxt[:-1] = obs_bits[1:]
+    return nxt
+
+
+def _obs_cols(x_bits: np.ndarray, obs_bits: np.ndarray) -> np.ndarray:
+    """For each column of x, the observation column it equals in most rows; -1 where none does in more than half."""
+    cols = []
+    for c in range(x_bits.shape[1]):
+        same = (x_bits[:, c:c + 1] == obs_bits).sum(0)
+        cols.append(int(same.argmax()) if 2 * same.max() > len(x_bits) else -1)
+    return np.array(cols, np.int32)
+
+
+def _xor_cols(x_bits: np.ndarray, obs_bits: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    out = x_bits.copy()
+    for c, j in enumerate(cols):
+        if j >= 0:
+            out[:, c] ^= obs_bits[:, j]
+    return out
+
+
+def encode_replay(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The encoded datasets and the column maps (metadata) of `arrays`; decode_replay inverts it."""
+    obs = _bits(arrays["observations"])
+    enc = {k: arrays[k] for k in ("observations", "actions", "rewards", "logp")}
+    enc["next_observations"] = _bits(arrays["next_observations"]) ^ _next_rows(obs)
+    enc.update({k: arrays[k].astype(np.uint8) for k in ("terminals", "timeouts")})  # 0/1 flags
+    cols = {f"{k}_obs_col": _obs_cols(_bits(arrays[k]), obs) for k in ("qpos", "qvel")}
+    enc.update({k: _xor_cols(_bits(arrays[k]), obs, cols[f"{k}_obs_col"]) for k in ("qpos", "qvel")})
+    return enc, cols
+
+
+def decode_replay(enc: dict[str, np.ndarray], cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    obs = _bits(enc["observations"])
+    arrays = {k: enc[k] for k in ("observations", "actions", "rewards", "logp")}
+    arrays["next_observations"] = (enc["next_observations"] ^ _next_rows(obs)).view(np.float32)
+    arrays.update({k: enc[k].astype(np.float32) for k in ("terminals", "timeouts")})
+    arrays.update({k: _xor_cols(enc[k], obs, cols[f"{k}_obs_col"]).view(np.float32) for k in ("qpos", "qvel")})
+    return arrays
+
+
+def write_replay(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write replay data xor-v1 encoded, atomically; metadata/sha256 is the hash of `arrays` (what read_replay returns)."""
+    enc, cols = encode_replay(arrays)
+    digest = array_hash(arrays)
+    if array_hash(decode_replay(enc, cols)) != digest:  # e.g. flags other than 0.0/1.0
+        raise ValueError(f"{path}: the arrays do not survive the {ENCODING} encoding exactly")
+    with _atomic_h5(path) as f:
+        for k, v in enc.items():
+            f.create_dataset(f"encoded/{k}", data=v, compression="gzip", compression_opts=9, shuffle=True)
+        _write_meta(f, {**meta, **cols, "encoding": ENCODING, "sha256": digest})
+
+
+def read_replay(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and metadata of a replay file, xor-v1 encoded or in the plain D4RL layout, hash-checked."""
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: f[f"metadata/{k}"][()] for k in f.get("metadata", {})}
+            meta = {k: v.decode() if isinstance(v, bytes) else v for k, v in meta.items()}
+            if meta.get("encoding") == ENCODING:
+                arrays = decode_replay({k: f[f"encoded/{k}"][()] for k in f["encoded"]}, meta)
+            elif "encoding" not in meta:  # the plain layout, as shipped before the encoding
+                arrays = _read_d4rl(f)
+            else:
+                raise ValueError(f"{path}: unknown encoding {meta['encoding']!r} (this code reads {ENCODING})")
+    except (OSError, KeyError) as e:
+        raise ValueError(f"{path}: cannot read the replay data ({e}); the file is truncated or corrupt") from e
+    if "sha256" in meta and array_hash(arrays) != meta["sha256"]:
+        raise ValueError(f"{path}: the data's sha256 {array_hash(arrays)[:12]} differs from the recorded "
+                         f"{meta['sha256'][:12]}; the file is corrupt")
+    return arrays, meta
 
 
 # ---- Datasets ----
@@ -164,10 +273,8 @@ def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool 
         src = DATA_DIR / f"{env}-medium-replay.hdf5"
         if not src.exists():
             raise FileNotFoundError(f"{src} is not shipped in this checkout (see recipe/README.md)")
-        with h5py.File(src, "r") as f:
-            arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-            arrays.update(qpos=f["infos/qpos"][()], qvel=f["infos/qvel"][()], logp=f["infos/action_log_probs"][()])
-            meta.update({k: f[f"metadata/{k}"][()].decode() for k in ("algorithm", "policy_step", "training") if f"metadata/{k}" in f})
+        arrays, file_meta = read_replay(src)
+        meta.update({k: file_meta[k] for k in ("algorithm", "policy_step", "training", "num_envs") if k in file_meta})
         return arrays, meta
     levels = {"random": [None], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}
     if kind not in levels:
@@ -202,9 +309,7 @@ def _cached_part(reuse_dir: Path | None, env: str, level: str, n: int, seed: int
     with h5py.File(path, "r") as f:
         if int(f["metadata/seed"][()]) != seed or len(f["rewards"]) != n or f["metadata/builder_version"][()].decode() != BUILDER_VERSION:
             return None
-        arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-        arrays.update(qpos=f["infos/qpos"][()], qvel=f["infos/qvel"][()], logp=f["infos/action_log_probs"][()])
-    return arrays
+        return _read_d4rl(f)
 
 
 def _progress_bar(total: int, name: str):

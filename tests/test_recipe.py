@@ -48,7 +48,8 @@ def shipped(sac_run, tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(build, "POLICY_DIR", tmp_path / "policies")
     monkeypatch.setattr(build, "DATA_DIR", tmp_path / "data")
     monkeypatch.setattr(build, "MANIFEST", tmp_path / "manifest.json")
-    cli.cmd_export(argparse.Namespace(run=str(sac_run), env="hopper", expert_step=0, medium_step=0, medium_fraction=1 / 3))
+    cli.cmd_export(argparse.Namespace(run=str(sac_run), env="hopper", expert_step=0, medium_step=0, medium_fraction=1 / 3,
+                                  out_dir=None))
     return tmp_path
 
 
@@ -149,3 +150,98 @@ def test_medium_expert_is_medium_then_expert(shipped, tmp_path):
     assert build.array_hash(fresh) == build.array_hash(reused)
     with h5py.File(m) as fm, h5py.File(e) as fe:
         np.testing.assert_array_equal(fresh["observations"], np.concatenate([fm["observations"][()], fe["observations"][()]]))
+
+
+# ---- Shipped replay data: the xor-v1 encoding and the export of vectorized SAC buffers ----
+def fake_stream(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """n made-up Hopper-like transitions in episodes: obs = qpos[1:] ++ clip(qvel, +-10), next_obs[i] = obs[i+1] inside one."""
+    qpos = rng.standard_normal((n + 1, 6)).astype(np.float32)
+    qvel = (rng.standard_normal((n + 1, 6)) * 8).astype(np.float32)  # some beyond +-10: clipped in obs
+    qpos[::7, 2] = -0.0
+    states = np.concatenate([qpos[:, 1:], np.clip(qvel, -10, 10)], 1)
+    qpos[::11, 4] = -0.0  # and where the observation holds another value
+    ends = np.sort(rng.choice(np.arange(1, n), 4, replace=False))  # exclusive episode ends
+    nxt = states[1:].copy()
+    nxt[ends - 1] = rng.standard_normal((4, 11))  # the episode's final state; the next one starts from a reset
+    flags = np.zeros((2, n), np.float32)
+    flags[np.arange(4) % 2, ends - 1] = 1.0  # alternately terminal and timeout
+    return {"observations": states[:-1], "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+            "rewards": rng.standard_normal(n).astype(np.float32), "next_observations": nxt, "terminals": flags[0],
+            "timeouts": flags[1], "qpos": qpos[:-1], "qvel": qvel[:-1], "logp": rng.standard_normal(n).astype(np.float32)}
+
+
+def test_replay_encoding_is_exact_and_compact(tmp_path):
+    arrays = fake_stream(np.random.default_rng(0), 3000)
+    assert (np.abs(arrays["qvel"]) > 10).any() and np.signbit(arrays["qpos"][::7, 2]).all()
+    build.write_replay(tmp_path / "r.hdf5", arrays, {"source": build.SOURCE})
+    back, meta = build.read_replay(tmp_path / "r.hdf5")
+    assert set(back) == set(arrays) and meta["sha256"] == build.array_hash(arrays) == build.array_hash(back)
+    for k in arrays:  # bit for bit, -0.0 included
+        assert back[k].dtype == np.float32
+        np.testing.assert_array_equal(back[k].view(np.int32), arrays[k].view(np.int32))
+    np.testing.assert_array_equal(meta["qpos_obs_col"], [-1, 0, 1, 2, 3, 4])  # qpos[0] (x) is not observed
+    np.testing.assert_array_equal(meta["qvel_obs_col"], np.arange(5, 11))
+    with h5py.File(tmp_path / "r.hdf5") as f:
+        assert "observations" not in f, "a plain D4RL reader must not mistake the encoded arrays for the data"
+        assert np.count_nonzero(f["encoded/next_observations"][()].any(1)) <= 5  # the 4 episode ends and the last row
+    # a plain D4RL-layout file (as shipped before the encoding) reads the same
+    build.write_d4rl(tmp_path / "plain.hdf5", arrays, {"sha256": build.array_hash(arrays)}, compression="gzip")
+    assert build.array_hash(build.read_replay(tmp_path / "plain.hdf5")[0]) == build.array_hash(arrays)
+    # flags other than 0/1 would not survive the uint8 flags: refused, nothing written
+    with pytest.raises(ValueError, match="exactly"):
+        build.write_replay(tmp_path / "bad.hdf5", {**arrays, "terminals": arrays["terminals"] * 0.5}, {})
+    assert not (tmp_path / "bad.hdf5").exists()
+
+
+def test_corrupt_replay_file_is_refused(tmp_path):
+    path = tmp_path / "r.hdf5"
+    build.write_replay(path, fake_stream(np.random.default_rng(1), 500), {})
+    with h5py.File(path, "r+") as f:
+        f["encoded/rewards"][7] += 1.0
+    with pytest.raises(ValueError, match=r"r\.hdf5: the data's sha256 .* the file is corrupt"):
+        build.read_replay(path)
+    path.write_bytes(path.read_bytes()[:2000])  # truncated
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        build.read_replay(path)
+
+
+def test_shipped_medium_replay_decodes_to_the_manifest_hash():
+    if not build.available("hopper", "medium-replay"):
+        pytest.skip("hopper medium-replay data is not shipped in this checkout")
+    arrays, meta = build.build_arrays("hopper-medium-replay", progress=False)
+    assert build.array_hash(arrays) == json.loads(build.MANIFEST.read_text())["hopper-medium-replay"]["sha256"]
+    assert len(arrays["rewards"]) == int(meta["policy_step"])
+
+
+def test_export_vectorized_buffer_gives_contiguous_episodes(tmp_path, monkeypatch):
+    """sac.py with K envs appends K rows per iteration; export makes each env's rows one block in time order."""
+    k, n, medium_step = 3, 100, 150  # the buffer holds n iterations; medium-replay keeps the first 50 of each env
+    rng = np.random.default_rng(2)
+    streams = [fake_stream(rng, n) for _ in range(k)]
+    buffer = {key: np.stack([s[key] for s in streams], 1).reshape(n * k, *streams[0][key].shape[1:]) for key in streams[0]}
+    buffer["action_log_probs"] = buffer.pop("logp")
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    np.savez(run / "checkpoint.buffer.npz", env_index=np.tile(np.arange(k, dtype=np.float32), n), **buffer)
+    (run / "config.json").write_text(json.dumps({"env": "Hopper-v4", "seed": 0, "num_envs": k}))
+    snaps = [{"step": s, "file": f"actor_{s}.npz", "return_stochastic": float(s), "return_deterministic": float(s),
+              "wall_time_s": 1.0} for s in (medium_step, n * k)]
+    (run / "snapshots.jsonl").write_text("".join(json.dumps(s) + "\n" for s in snaps))
+    for s in snaps:
+        np.savez(run / "snapshots" / s["file"], w=np.zeros(2, np.float32))
+    ship = tmp_path / "ship"
+    cli.cmd_export(argparse.Namespace(run=str(run), env="hopper", expert_step=0, medium_step=medium_step, medium_fraction=1 / 3,
+                                      out_dir=str(ship)))
+    assert (ship / "policies" / "hopper-medium.npz").exists() and (ship / "policies" / "hopper-expert.npz").exists()
+    monkeypatch.setattr(build, "DATA_DIR", ship / "data")
+    monkeypatch.setattr(build, "MANIFEST", tmp_path / "manifest.json")
+    out = build.build_dataset("hopper-medium-replay", tmp_path / "mr.hdf5", progress=False)
+    with h5py.File(out) as f:
+        assert f["metadata/num_envs"][()] == b"3"
+    data, info = common.load_dataset(str(out))
+    m = medium_step // k
+    np.testing.assert_array_equal(data["observations"], np.concatenate([s["observations"][:m] for s in streams]))
+    # each env's episodes, its last one cut off at the medium step (flagged as a timeout)
+    want = [r.sum() for s in streams for r in np.split(s["rewards"][:m], [e for e in np.flatnonzero(s["terminals"] + s["timeouts"]) + 1 if e < m])]
+    np.testing.assert_allclose(common.episode_returns(data, info), want, rtol=1e-5)
+    assert (data["timeouts"] + data["terminals"])[np.arange(1, k + 1) * m - 1].all()
