@@ -114,9 +114,9 @@ class Args:
     preset: str = "auto"
     """Hyperparameter preset from PRESETS (auto: the dataset's name, e.g. hopper-medium; else default)."""
     horizon: int | None = None
-    """Model rollout length h. Default from the preset (COMBO App. C: 1 or 5)."""
+    """Model rollout length h. Default from the preset (1 on walker2d, else 5; sources in the PRESETS comment)."""
     beta: float | None = None
-    """Conservative coefficient beta of Eq. (4). Default from the preset (COMBO App. C: 0.5, 1 or 5)."""
+    """Conservative coefficient beta of Eq. (4). Default from the preset (0.5, 1 or 5; sources in the PRESETS comment)."""
     cql_num_actions: int = 10
     """Actions sampled per state and per proposal (uniform, pi(.|s), pi(.|s')) in the log-sum-exp (CQL: 10)."""
     cql_temperature: float = 1.0
@@ -128,18 +128,18 @@ class Args:
     model_retain_rollouts: int = 5
     """The model buffer holds this many rollouts' worth of transitions (MBPO model_retain_epochs: 5)."""
     real_ratio: float = 0.5
-    """Fraction f of each batch drawn from the dataset; the rest from model rollouts (COMBO, Sec. 5: f = 0.5)."""
+    """Fraction f of each batch drawn from the dataset; the rest from model rollouts (0.5 as d3rlpy/OfflineRL-Kit COMBO)."""
     # agent
     hidden_dim: int = 256
     """Width of the actor/critic hidden layers (COMBO/CQL: 256)."""
     num_layers: int = 3
-    """Hidden layers of the actor/critic (COMBO App. C, as CQL: 3)."""
+    """Hidden layers of the actor/critic (3, as the d3rlpy/OfflineRL-Kit COMBO and CQL)."""
     normalize_states: bool = True
     """Standardize the agent's inputs with the dataset mean/std (the buffers hold raw states)."""
     actor_lr: float = 1e-4
-    """Actor Adam learning rate (COMBO App. C: 1e-4)."""
+    """Actor Adam learning rate (1e-4 as d3rlpy/OfflineRL-Kit COMBO; d3rlpy uses 1e-5 on walker2d)."""
     critic_lr: float = 3e-4
-    """Critic Adam learning rate (COMBO App. C: 3e-4)."""
+    """Critic Adam learning rate (3e-4 as d3rlpy/OfflineRL-Kit COMBO; d3rlpy uses 1e-4 on walker2d)."""
     alpha_lr: float = 3e-4
     """Entropy temperature Adam learning rate (SAC: 3e-4)."""
     target_entropy: float | None = None
@@ -152,22 +152,31 @@ class Args:
     """Testing aid: inject a NaN into the critic loss at this update number (1-based) to exercise the NaN guard."""
 
 
-# Conservative coefficient beta and rollout length h per dataset, from the COMBO paper's hyperparameter table
-# (App. C, Table "Hyperparameters used in the D4RL datasets"). No entry for ant or full-replay: default beta=1, h=5.
+# Conservative coefficient beta and rollout length h per dataset.
+# NOT checked against the COMBO paper's own table: its appendix (Yu et al. 2021, arXiv 2102.08363) could not be read
+# here, so every value below comes from public reimplementations and is tagged with its source:
+#   [d3] d3rlpy reproductions/offline/combo.py (D4RL v0): beta 0.5 for all halfcheetah; 5.0 for medium-expert and for
+#        hopper/walker2d medium; random and medium-replay: hopper 1.0, walker2d 0.5. It leaves h at its default 5
+#        everywhere (no per-dataset h) and uses critic/actor lr 1e-4/1e-5 on walker2d (3e-4/1e-4 otherwise).
+#   [kit] OfflineRL-Kit run_example/run_combo.py "suggested hypers" (D4RL v2, medium* only): h = 1 on walker2d, else 5;
+#        beta 0.5 for halfcheetah-medium, halfcheetah-medium-replay, hopper-medium-replay, walker2d-medium-replay and
+#        5.0 for hopper/walker2d-medium and all medium-expert.
+#   [ours] the earlier value, which had no source. A value was changed only where both sources agree against it.
+# No entry for ant or full-replay: default beta=1, h=5.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"horizon": 5, "beta": 1.0},
-    "halfcheetah-random": {"horizon": 5, "beta": 0.5},
-    "halfcheetah-medium": {"horizon": 5, "beta": 1.0},
-    "halfcheetah-medium-replay": {"horizon": 5, "beta": 1.0},
-    "halfcheetah-medium-expert": {"horizon": 5, "beta": 5.0},
-    "hopper-random": {"horizon": 5, "beta": 1.0},
-    "hopper-medium": {"horizon": 5, "beta": 5.0},
-    "hopper-medium-replay": {"horizon": 5, "beta": 0.5},
-    "hopper-medium-expert": {"horizon": 5, "beta": 5.0},
-    "walker2d-random": {"horizon": 1, "beta": 1.0},
-    "walker2d-medium": {"horizon": 1, "beta": 5.0},
-    "walker2d-medium-replay": {"horizon": 1, "beta": 1.0},
-    "walker2d-medium-expert": {"horizon": 1, "beta": 5.0},
+    "halfcheetah-random": {"horizon": 5, "beta": 0.5},  # [d3] (no [kit] value)
+    "halfcheetah-medium": {"horizon": 5, "beta": 0.5},  # [d3] = [kit]
+    "halfcheetah-medium-replay": {"horizon": 5, "beta": 0.5},  # [d3] = [kit]
+    "halfcheetah-medium-expert": {"horizon": 5, "beta": 5.0},  # [kit]; [d3] has beta 0.5
+    "hopper-random": {"horizon": 5, "beta": 1.0},  # [d3] (no [kit] value)
+    "hopper-medium": {"horizon": 5, "beta": 5.0},  # [d3] = [kit]
+    "hopper-medium-replay": {"horizon": 5, "beta": 0.5},  # [kit]; [d3] has beta 1.0
+    "hopper-medium-expert": {"horizon": 5, "beta": 5.0},  # [d3] = [kit]
+    "walker2d-random": {"horizon": 1, "beta": 1.0},  # [ours]; [d3] has beta 0.5, no [kit] value
+    "walker2d-medium": {"horizon": 1, "beta": 5.0},  # [kit]; [d3] same beta
+    "walker2d-medium-replay": {"horizon": 1, "beta": 0.5},  # [kit]; [d3] same beta
+    "walker2d-medium-expert": {"horizon": 1, "beta": 5.0},  # [kit]; [d3] same beta
 }
 
 

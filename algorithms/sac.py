@@ -243,7 +243,9 @@ def main(args: Args) -> None:
     (log_dir / "snapshots").mkdir(parents=True, exist_ok=True)
     save_path = Path(args.save_path or log_dir / "checkpoint.msgpack")
     buffer_path = save_path.with_suffix(".buffer.npz")
-    (log_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    dev = jax.devices()[0]
+    hardware = f"{getattr(dev, 'device_kind', dev.platform)} ({dev.platform}), {os.cpu_count()} CPU cores"
+    (log_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "hardware": hardware}, indent=2))
 
     K = args.num_envs
     envs = [gym.make(args.env) for _ in range(K)]

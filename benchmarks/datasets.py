@@ -69,7 +69,10 @@ def main() -> None:
           "- Normalized: D4RL's 100 (R - R_random) / (R_expert - R_random) with D4RL's reference returns.",
           "- D4RL's own per-dataset figures (its episode counts and returns) are not listed: no sourced copy was available "
           "offline, and numbers from memory are not printed here. The recipe matches D4RL's sizes (1M; medium-expert 2M).",
-          "- SAC wall times were measured on a 2-core CPU shared with other jobs (about 100 env steps/s).", "",
+          "- SAC wall time: from the start of the run to the snapshot, on the hardware named in the policy table. Hopper: one env on "
+          "the 2-core CPU shared with other jobs (about 100 env steps/s). HalfCheetah and Walker2d: 8 envs in lockstep with 8 "
+          "updates per device call (`--num-envs 8`); the GPU runs shared one H100 (about 1,000-1,400 env steps/s each, "
+          "evaluation included), the CPU run had one core of the 2-core CPU (about 120 env steps/s).", "",
           "| dataset | transitions | episodes | mean return | min | max | mean normalized | terminals | timeouts |",
           "|---|---|---|---|---|---|---|---|---|", *lines, "",
           "## Behaviour policies (recipe/policies)", "",

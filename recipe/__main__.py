@@ -53,7 +53,8 @@ def cmd_export(a: argparse.Namespace) -> None:
         (s for s in snaps if s["step"] <= expert["step"]), key=lambda s: abs(s["return_stochastic"] - target))
     config = json.loads((run / "config.json").read_text())
     training = {"algorithm": "SAC (algorithms/sac.py)", "env_id": config["env"], "seed": config["seed"],
-                "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores", "config": config}
+                "hardware": config.pop("hardware", None) or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+                "config": config}
     policy_dir, data_dir = (Path(a.out_dir) / "policies", Path(a.out_dir) / "data") if a.out_dir else (build.POLICY_DIR, build.DATA_DIR)
     policy_dir.mkdir(parents=True, exist_ok=True)
     for level, snap in (("expert", expert), ("medium", medium)):

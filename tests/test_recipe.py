@@ -21,13 +21,14 @@ from recipe import build
 
 @pytest.fixture(scope="module")
 def sac_run(tmp_path_factory) -> Path:
-    """A tiny SAC run on Hopper-v4: 600 steps, snapshots and a checkpoint every 300, then a resume."""
+    """A tiny SAC run on Hopper-v4: 600 steps, snapshots and a checkpoint every 300, then a resume with 3 envs."""
     d = tmp_path_factory.mktemp("sac")
     base = [sys.executable, str(ROOT / "algorithms" / "sac.py"), "--env", "Hopper-v4", "--learning-starts", "200",
             "--snapshot-interval", "300", "--checkpoint-interval", "300", "--eval-episodes", "1", "--batch-size", "64",
             "--hidden-dim", "32", "--log-dir", str(d)]
     subprocess.run([*base, "--total-steps", "600"], check=True, capture_output=True, timeout=300)
-    r = subprocess.run([*base, "--total-steps", "900", "--load", str(d / "checkpoint.msgpack")],
+    # the resumed part steps 3 envs in lockstep (3 transitions and 3 updates per device call)
+    r = subprocess.run([*base, "--total-steps", "900", "--num-envs", "3", "--load", str(d / "checkpoint.msgpack")],
                        check=True, capture_output=True, text=True, timeout=300)
     assert "resumed from" in r.stdout and "at step 600" in r.stdout
     return d
@@ -39,6 +40,7 @@ def test_sac_runs_snapshots_and_resumes(sac_run):
     assert all(np.isfinite(s["return_stochastic"]) for s in snaps)
     with np.load(sac_run / "checkpoint.buffer.npz") as z:
         assert len(z["rewards"]) == 900 and z["qpos"].shape == (900, 6)
+        np.testing.assert_array_equal(z["env_index"][600:606], [0, 1, 2, 0, 1, 2])
     assert not list(sac_run.glob("*.tmp"))
 
 
