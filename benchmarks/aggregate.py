@@ -68,6 +68,15 @@ def published_cell(pub, algo: str, dataset: str) -> str:
     return "; ".join(f"{float(p['normalized_score']):.1f} ({p['source']}, {p['kind']})" for p in rows) or "-"
 
 
+ALGO_ORDER = ("bc", "td3bc", "iql", "cql", "awac", "mopo", "combo")
+
+
+def algo_color(algo: str) -> str:
+    """One colour per algorithm in every plot (matplotlib's default cycle, in ALGO_ORDER)."""
+    i = ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER) + sum(map(ord, algo))
+    return f"C{i % 10}"
+
+
 def plot_curves(runs: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -87,8 +96,9 @@ def plot_curves(runs: list[dict], out: Path) -> list[Path]:
             x = np.array([e["update"] for e in h])
             y = np.array([e["normalized"] for e in h])  # [evals, seeds]
             m, s = y.mean(1), y.std(1)
-            ax.plot(x, m, label=r["algorithm"])
-            ax.fill_between(x, m - s, m + s, alpha=0.2)
+            c = algo_color(r["algorithm"])
+            ax.plot(x, m, label=r["algorithm"], color=c)
+            ax.fill_between(x, m - s, m + s, alpha=0.2, color=c)
         ax.set_xlabel("updates")
         ax.set_ylabel("normalized score")
         ax.set_title(f"{ds} ({runs[0]['source_kind']} data), mean ± std over seeds", fontsize=9)
@@ -116,7 +126,7 @@ def plot_bars(runs: list[dict], algos: list[str], datasets: list[str], out: Path
         xs = [j + i * width for j, d in enumerate(datasets) if (a, d) in cell]
         means = [np.mean([v for v in per_seed(r, "last_normalized") if v is not None]) for r in vals]
         stds = [np.std([v for v in per_seed(r, "last_normalized") if v is not None]) for r in vals]
-        ax.bar(xs, means, width, yerr=stds, label=a, capsize=2)
+        ax.bar(xs, means, width, yerr=stds, label=a, capsize=2, color=algo_color(a))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))])
     ax.set_xticklabels([d.replace("-v2", "") for d in datasets], rotation=20, fontsize=8)
     ax.set_ylabel("last normalized score")
