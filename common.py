@@ -206,7 +206,12 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
         if data is None and source in ("auto", "recipe"):
             p = recipe_path(env_name, kind)
             tried.append(f"recipe: {p}")
-            if not p.exists() and build:
+            if p.exists() and _recipe_is_stale(env_name, kind, p):
+                print(f"{p} was built from other behaviour policies than recipe/ ships now: "
+                      + ("rebuilding it" if build else "loading it anyway (build=False)"))
+                if build:
+                    p = _build_recipe(env_name, kind, p, tried)
+            elif not p.exists() and build:
                 p = _build_recipe(env_name, kind, p, tried)
             if p is not None and p.exists():
                 data, ends = read_d4rl_hdf5(p)
@@ -226,6 +231,15 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
     info["episode_ends"] = ends
     info["obs_dim"], info["act_dim"] = data["observations"].shape[1], data["actions"].shape[1]
     return data, info
+
+
+def _recipe_is_stale(env_name: str, kind: str, path: Path) -> bool:
+    """A cached recipe file built from older shipped policies (or by an older builder) is stale."""
+    try:
+        from recipe import build
+    except ImportError:
+        return False
+    return build.available(env_name, kind) and build.is_stale(path, env_name, kind)
 
 
 def _build_recipe(env_name: str, kind: str, path: Path, tried: list[str]) -> Path | None:

@@ -68,14 +68,36 @@ def policy_path(env: str, level: str) -> Path:
     return POLICY_DIR / f"{env}-{level}.npz"
 
 
-def available(env: str, kind: str) -> bool:
-    """Whether this checkout can build `<env>-<kind>`."""
-    if env not in ENV_IDS:
-        return False
-    need = {"random": [], "medium": [policy_path(env, "medium")], "expert": [policy_path(env, "expert")],
+def _inputs(env: str, kind: str) -> list[Path] | None:
+    """The shipped files `<env>-<kind>` is built from (None: the recipe has no such kind)."""
+    return {"random": [], "medium": [policy_path(env, "medium")], "expert": [policy_path(env, "expert")],
             "medium-expert": [policy_path(env, "medium"), policy_path(env, "expert")],
             "medium-replay": [DATA_DIR / f"{env}-medium-replay.hdf5"]}.get(kind)
+
+
+def available(env: str, kind: str) -> bool:
+    """Whether this checkout can build `<env>-<kind>`."""
+    need = _inputs(env, kind) if env in ENV_IDS else None
     return need is not None and all(p.exists() for p in need)
+
+
+def inputs_sha256(env: str, kind: str) -> str:
+    """sha256 of the builder version and the shipped files `<env>-<kind>` is built from.
+
+    Recorded in each built file (`metadata/inputs_sha256`): a cached dataset whose value differs
+    from this checkout's was built from other behaviour policies and is rebuilt, not trusted.
+    """
+    h = hashlib.sha256(f"builder {BUILDER_VERSION}".encode())
+    for p in _inputs(env, kind) or []:
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def is_stale(path: Path, env: str, kind: str) -> bool:
+    """Whether the recipe file at `path` was built from other inputs than this checkout ships."""
+    with h5py.File(path, "r") as f:
+        got = f["metadata/inputs_sha256"][()].decode() if "metadata/inputs_sha256" in f else None
+    return got != inputs_sha256(env, kind)
 
 
 # ---- Collection ----
@@ -269,6 +291,8 @@ def build_arrays(name: str, n: int | None = None, seed: int = 0, progress: bool 
     env_id, n = ENV_IDS[env], n or NUM_TRANSITIONS
     meta: dict = {"source": SOURCE, "env_id": env_id, "kind": kind, "seed": seed, "builder_version": BUILDER_VERSION,
                   "k_envs": K_ENVS, "recipe": "D4RL (Fu et al. 2020) gym-mujoco recipe on gymnasium v4"}
+    if available(env, kind):
+        meta["inputs_sha256"] = inputs_sha256(env, kind)
     if kind == "medium-replay":
         src = DATA_DIR / f"{env}-medium-replay.hdf5"
         if not src.exists():
@@ -306,8 +330,10 @@ def _cached_part(reuse_dir: Path | None, env: str, level: str, n: int, seed: int
     path = None if reuse_dir is None else Path(reuse_dir) / f"{env}-{level}-recipe.hdf5"
     if path is None or not path.exists():
         return None
+    if is_stale(path, env, level):  # built from another policy than the one shipped now
+        return None
     with h5py.File(path, "r") as f:
-        if int(f["metadata/seed"][()]) != seed or len(f["rewards"]) != n or f["metadata/builder_version"][()].decode() != BUILDER_VERSION:
+        if int(f["metadata/seed"][()]) != seed or len(f["rewards"]) != n:
             return None
         return _read_d4rl(f)
 

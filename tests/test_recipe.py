@@ -154,6 +154,33 @@ def test_medium_expert_is_medium_then_expert(shipped, tmp_path):
         np.testing.assert_array_equal(fresh["observations"], np.concatenate([fm["observations"][()], fe["observations"][()]]))
 
 
+def test_cache_built_from_other_policies_is_rebuilt(shipped, tmp_path, monkeypatch, capsys):
+    """A cached dataset records the hash of the policy it came from; a new shipped policy makes it stale."""
+    for var, sub in (("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari"), ("OFFRL_DATA_DIR", "cache")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setattr(build, "NUM_TRANSITIONS", 400)
+    old, _ = common.load_dataset("hopper-medium")
+    cached = common.recipe_path("hopper", "medium")
+    assert not build.is_stale(cached, "hopper", "medium")
+    again, _ = common.load_dataset("hopper-medium")  # same policy: the cache is read, not rebuilt
+    assert "rebuilding" not in capsys.readouterr().out
+    np.testing.assert_array_equal(old["actions"], again["actions"])
+    # a new medium policy is shipped (e.g. from a longer SAC run)
+    pol = build.policy_path("hopper", "medium")
+    with np.load(pol) as z:
+        w = {k: z[k] for k in z.files}
+    w["mean/bias"] = w["mean/bias"] + 0.5
+    np.savez(pol, **w)
+    assert build.is_stale(cached, "hopper", "medium")
+    # medium-expert must not reuse the stale medium part from the cache folder
+    assert build._cached_part(cached.parent, "hopper", "medium", 400, 0) is None
+    new, info = common.load_dataset("hopper-medium")
+    assert "was built from other behaviour policies" in capsys.readouterr().out
+    assert not build.is_stale(cached, "hopper", "medium") and info["source_kind"] == "recipe"
+    assert not np.array_equal(old["actions"], new["actions"])
+    assert build._cached_part(cached.parent, "hopper", "medium", 400, 0) is not None
+
+
 # ---- Shipped replay data: the xor-v1 encoding and the export of vectorized SAC buffers ----
 def fake_stream(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """n made-up Hopper-like transitions in episodes: obs = qpos[1:] ++ clip(qvel, +-10), next_obs[i] = obs[i+1] inside one."""
