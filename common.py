@@ -178,7 +178,7 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
                 if eval_env is None and "metadata/env_id" in f:
                     info["eval_env"] = f["metadata/env_id"][()].decode()
                 if "metadata/source" in f:  # files written by recipe/ say so
-                    info.update(source=f"recipe:{path}", source_kind="recipe")
+                    info.update(source=f"recipe:{path}", source_kind="recipe", dataset_sha256=_recipe_sha256(path))
         if info["eval_env"] is None:
             raise DatasetError(f"{path}: the file does not record its env; pass a gymnasium id with --eval-env")
         info["dataset"] = str(path)
@@ -215,7 +215,7 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
                 p = _build_recipe(env_name, kind, p, tried)
             if p is not None and p.exists():
                 data, ends = read_d4rl_hdf5(p)
-                info.update(source=f"recipe:{p}", source_kind="recipe")
+                info.update(source=f"recipe:{p}", source_kind="recipe", dataset_sha256=_recipe_sha256(p))
         if data is None:
             raise DatasetError(
                 f"dataset {env_name}-{kind} not found. Looked in:\n  " + "\n  ".join(tried) +
@@ -231,6 +231,12 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
     info["episode_ends"] = ends
     info["obs_dim"], info["act_dim"] = data["observations"].shape[1], data["actions"].shape[1]
     return data, info
+
+
+def _recipe_sha256(path: Path) -> str | None:
+    """The sha256 of a recipe file's arrays, as the builder recorded it (results carry it)."""
+    with h5py.File(path, "r") as f:
+        return f["metadata/sha256"][()].decode() if "metadata/sha256" in f else None
 
 
 def _recipe_is_stale(env_name: str, kind: str, path: Path) -> bool:

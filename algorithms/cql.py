@@ -566,6 +566,7 @@ def main(args: Args) -> dict:
         "dataset": str(info["dataset"]),
         "source": str(info["source"]),
         "source_kind": str(info["source_kind"]),
+        "dataset_sha256": info.get("dataset_sha256"),  # recipe data: sha256 of its arrays
         "eval_env": str(info["eval_env"]),
         "num_updates": step,
         "seeds": seeds,

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from run import data_changed
 from stats import stratified_bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,9 @@ def load_runs(grid: Path) -> list[dict]:
     runs = []
     for f in sorted(grid.glob("*/*/result.json")):
         r = json.loads(f.read_text())
+        if data_changed(r):
+            print(f"left out {f.parent}: its recipe dataset was rebuilt since; rerun it with benchmarks/run.py")
+            continue
         r["_dir"] = f.parent
         runs.append(r)
     return runs

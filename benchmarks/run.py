@@ -5,7 +5,8 @@
 
 Each cell is one process `python algorithms/<algo>.py --env <dataset> --num-seeds N ...`, so the
 seeds of a cell are trained together with the scripts' own jax.vmap. A finished cell (one with a
-result.json) is skipped; an interrupted cell resumes from its checkpoint. The runs land in
+result.json) is skipped, unless its recipe dataset was rebuilt since (new behaviour policies); an
+interrupted cell resumes from its checkpoint. The runs land in
 benchmarks/runs/<label>/<algo>/<dataset>/ and the grid's commands, hardware and date in
 benchmarks/runs/<label>/manifest.json, which aggregate.py turns into tables and plots.
 """
@@ -44,6 +45,29 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores; jax device {accel}"
 
 
+def data_changed(result: dict) -> bool:
+    """Whether a finished run trained on recipe data that has been rebuilt since (new behaviour policies).
+
+    Runs record the sha256 of their recipe dataset (`dataset_sha256`); the current one is that of the
+    cached file when it is up to date with the shipped policies, else the one in recipe/manifest.json.
+    Runs without the field (older ones) and non-recipe data are taken as they are.
+    """
+    got = result.get("dataset_sha256")
+    if result.get("source_kind") != "recipe" or not got:
+        return False
+    sys.path.insert(0, str(ROOT))
+    import common
+    from recipe import build
+
+    env, kind = common.parse_name(result["dataset"].removesuffix("-recipe"))
+    cached = common.recipe_path(env, kind)
+    if cached.exists() and build.available(env, kind) and not build.is_stale(cached, env, kind):
+        want = common._recipe_sha256(cached)
+    else:
+        want = build.expected_hash(f"{env}-{kind}", None, 0)
+    return want is not None and want != got
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label", required=True, help="name of this grid, e.g. cpu-reduced or gpu-1M")
@@ -68,8 +92,13 @@ def main() -> None:
         for ds in a.datasets:
             cell = grid_dir / algo / ds
             if (cell / "result.json").exists():
-                print(f"skip {algo} {ds}: done")
-                continue
+                if not data_changed(json.loads((cell / "result.json").read_text())):
+                    print(f"skip {algo} {ds}: done")
+                    continue
+                print(f"rerun {algo} {ds}: its recipe dataset has been rebuilt since (the old run stays in git history)")
+                for f in cell.iterdir():
+                    if f.is_file():
+                        f.unlink()
             cmd = [sys.executable, f"algorithms/{algo}.py", "--env", ds, "--num-seeds", str(a.num_seeds),
                    "--num-updates", str(a.num_updates), "--eval-interval", str(a.eval_interval),
                    "--eval-episodes", str(a.eval_episodes), "--log-dir", str(cell.relative_to(ROOT)), *a.extra.split()]

@@ -59,3 +59,16 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert "61.0 (+20.0, n/a)" in beats
     for png in ("bars.png", "curves_hopper-medium-recipe.png"):
         assert (tmp_path / "out" / "t" / png).stat().st_size > 5000
+
+
+def test_runs_on_rebuilt_recipe_data_are_flagged(tmp_path, monkeypatch):
+    """A run records its recipe dataset's sha256; once the dataset is rebuilt, run.py reruns it and aggregate.py leaves it out."""
+    from run import data_changed
+
+    monkeypatch.setenv("OFFRL_DATA_DIR", str(tmp_path))  # no cached file: the manifest's hash is the current one
+    want = json.loads((ROOT / "recipe" / "manifest.json").read_text())["hopper-medium"]["sha256"]
+    r = {"dataset": "hopper-medium-recipe", "source_kind": "recipe"}
+    assert not data_changed({**r, "dataset_sha256": want})
+    assert data_changed({**r, "dataset_sha256": "0" * 64})
+    assert not data_changed(r)  # older runs without the field are taken as they are
+    assert not data_changed({**r, "source_kind": "d4rl", "dataset_sha256": "0" * 64})

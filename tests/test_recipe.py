@@ -98,6 +98,8 @@ def test_random_kind_needs_no_policy_and_first_use_builds(tmp_path, monkeypatch)
     assert info["task"] == "walker2d-random"
     assert info["dataset"] == "walker2d-random-recipe"  # never called -v2: that name is D4RL's
     assert len(data["rewards"]) == 1500
+    with h5py.File(common.recipe_path("walker2d", "random")) as f:  # results record exactly which data they used
+        assert info["dataset_sha256"] == f["metadata/sha256"][()].decode() and len(info["dataset_sha256"]) == 64
     # the second load reads the cached file, byte for byte the same data
     data2, _ = common.load_dataset("walker2d-random")
     np.testing.assert_array_equal(data["observations"], data2["observations"])

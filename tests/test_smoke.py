@@ -10,7 +10,7 @@ from conftest import ALGORITHMS, run_script
 
 RESULT_KEYS = {"algorithm", "dataset", "source", "source_kind", "eval_env", "num_updates", "seeds", "last_return",
                "best_return", "last_normalized", "best_normalized", "per_seed", "wall_time_s", "updates_per_s",
-               "config", "eval_history"}
+               "config", "eval_history", "dataset_sha256"}
 SMALL = ["--eval-env", "Pendulum-v1", "--num-seeds", "2", "--eval-episodes", "2", "--hidden-dim", "32",
          "--batch-size", "64"]
 
