@@ -2,6 +2,7 @@
 
     python -m recipe build hopper-medium            # into $OFFRL_DATA_DIR (default ~/.cache/offrl)
     python -m recipe build hopper-medium --out x.hdf5 --num-transitions 5000 --seed 1
+    python -m recipe build halfcheetah-expert --record    # and write its hash into manifest.json
     python -m recipe export --run runs/sac/Hopper-v4/0 --env hopper   # SAC run -> policies/ and data/
     python -m recipe export --run runs/sac/Hopper-v4/0 --env hopper --out-dir /tmp/ship
     python -m recipe list                                # what this checkout can build
@@ -16,6 +17,7 @@ import platform
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from recipe import build
@@ -27,10 +29,18 @@ import common
 def cmd_build(a: argparse.Namespace) -> None:
     env, kind = common.parse_name(a.name)
     out = Path(a.out) if a.out else common.recipe_path(env, kind)
-    if out.exists() and not a.force:
+    if out.exists() and not a.force and not build.is_stale(out, env, kind):
         print(f"{out} exists (use --force to rebuild)")
-        return
-    build.build_dataset(f"{env}-{kind}", out, a.num_transitions, a.seed)
+    else:
+        build.build_dataset(f"{env}-{kind}", out, a.num_transitions, a.seed)
+    if a.record:  # recipe/manifest.json: the hash a rebuild must reproduce
+        with h5py.File(out, "r") as f:
+            entry = {"seed": a.seed, "num_transitions_arg": a.num_transitions, "transitions": len(f["rewards"]),
+                     "sha256": f["metadata/sha256"][()].decode(), "build_time_s": float(f["metadata/build_time_s"][()].decode())}
+        manifest = json.loads(build.MANIFEST.read_text()) if build.MANIFEST.exists() else {}
+        manifest[f"{env}-{kind}"] = entry
+        build.MANIFEST.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+        print(f"recorded {env}-{kind} sha256 {entry['sha256'][:16]} in {build.MANIFEST}")
 
 
 def cmd_list(_: argparse.Namespace) -> None:
@@ -96,7 +106,8 @@ def main() -> None:
     b.add_argument("--out", help="output file (default: the cache path that load_dataset reads)")
     b.add_argument("--num-transitions", type=int, default=None, help="per policy (default 1M, as D4RL)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--force", action="store_true", help="rebuild even if the file exists")
+    b.add_argument("--force", action="store_true", help="rebuild even if the file exists (a stale one is always rebuilt)")
+    b.add_argument("--record", action="store_true", help="write the built file's hash into recipe/manifest.json")
     b.set_defaults(fn=cmd_build)
     sub.add_parser("list", help="which datasets this checkout can build").set_defaults(fn=cmd_list)
     e = sub.add_parser("export", help="ship the medium/expert policies and medium-replay data of a SAC run")

@@ -145,6 +145,21 @@ def test_cli_build(tmp_path):
     assert r.returncode != 0 and "unknown dataset name" in r.stderr
 
 
+def test_build_record_writes_the_manifest(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build, "MANIFEST", tmp_path / "manifest.json")
+    out = tmp_path / "r.hdf5"
+    args = argparse.Namespace(name="hopper-random", out=str(out), num_transitions=300, seed=2, force=False, record=True)
+    cli.cmd_build(args)
+    entry = json.loads(build.MANIFEST.read_text())["hopper-random"]
+    with h5py.File(out) as f:
+        assert entry["sha256"] == f["metadata/sha256"][()].decode()
+    assert entry["transitions"] == 300 and entry["seed"] == 2 and entry["num_transitions_arg"] == 300
+    # the recorded hash is the one the next build of the same name/size/seed is checked against
+    assert build.expected_hash("hopper-random", 300, 2) == entry["sha256"]
+    cli.cmd_build(args)  # up to date: not rebuilt
+    assert "exists" in capsys.readouterr().out
+
+
 def test_medium_expert_is_medium_then_expert(shipped, tmp_path):
     """As in D4RL, medium-expert is the concatenation; cached parts are reused byte for byte."""
     m = build.build_dataset("hopper-medium", tmp_path / "hopper-medium-recipe.hdf5", n=400, progress=False)
