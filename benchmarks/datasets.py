@@ -39,9 +39,13 @@ def policy_rows() -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", action="store_true", help="build the missing buildable datasets first")
-    p.add_argument("--envs", nargs="+", default=list(build.ENV_IDS))
+    p.add_argument("--envs", nargs="+", default=list(build.ENV_IDS),
+                   help="measure these envs; the rows of other envs are kept from the previous datasets.json")
     a = p.parse_args()
-    table, lines = {}, []
+    out = ROOT / "benchmarks" / "results"
+    old = json.loads((out / "datasets.json").read_text()) if (out / "datasets.json").exists() else {}
+    table = {k: v for k, v in old.items() if k.split("-", 1)[0] not in a.envs}
+    kept = sorted({k.split("-", 1)[0] for k in table})
     for env in a.envs:
         for kind in KINDS:
             path = common.recipe_path(env, kind)
@@ -56,15 +60,17 @@ def main() -> None:
             table[f"{env}-{kind}"] = {
                 "transitions": int(len(data["rewards"])), "episodes": int(len(ret)), "mean_return": float(ret.mean()),
                 "min_return": float(ret.min()), "max_return": float(ret.max()), "mean_normalized": float(norm.mean()),
-                "terminals": int(data["terminals"].sum()), "timeouts": int(data["timeouts"].sum()), "source": info["source"]}
-            t = table[f"{env}-{kind}"]
-            lines.append(f"| {env}-{kind} | {t['transitions']:,} | {t['episodes']:,} | {t['mean_return']:.0f} | {t['min_return']:.0f} "
-                         f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} |")
-    out = ROOT / "benchmarks" / "results"
+                "terminals": int(data["terminals"].sum()), "timeouts": int(data["timeouts"].sum()), "source": info["source"],
+                "sha256": info.get("dataset_sha256"), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    table = {f"{e}-{k}": table[f"{e}-{k}"] for e in build.ENV_IDS for k in KINDS if f"{e}-{k}" in table}
+    lines = [f"| {name} | {t['transitions']:,} | {t['episodes']:,} | {t['mean_return']:.0f} | {t['min_return']:.0f} "
+             f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} | {t.get('date', '2026-11-25')} |"
+             for name, t in table.items()]
     (out / "datasets.json").write_text(json.dumps(table, indent=2))
     md = ["# D4RL-recipe datasets", "",
           "**Self-generated with the D4RL paper's recipe on gymnasium v4 envs. These are NOT the D4RL datasets.**", "",
-          f"- Command: `python benchmarks/datasets.py {' '.join(sys.argv[1:])}`; date {time.strftime('%Y-%m-%d', time.gmtime())}",
+          f"- Command: `python benchmarks/datasets.py {' '.join(sys.argv[1:])}`; date {time.strftime('%Y-%m-%d', time.gmtime())}"
+          + (f"; the {', '.join(kept)} rows are kept from the previous run (date column)" if kept else ""),
           "- Episode returns are undiscounted; every K_ENVS stream's last episode is cut off (a timeout) and still counted.",
           "- Normalized: D4RL's 100 (R - R_random) / (R_expert - R_random) with D4RL's reference returns.",
           "- D4RL's own per-dataset figures (its episode counts and returns) are not listed: no sourced copy was available "
@@ -73,8 +79,8 @@ def main() -> None:
           "the 2-core CPU shared with other jobs (about 100 env steps/s). HalfCheetah and Walker2d: 8 envs in lockstep with 8 "
           "updates per device call (`--num-envs 8`); the GPU runs shared one H100 (about 1,000-1,400 env steps/s each, "
           "evaluation included), the CPU run had one core of the 2-core CPU (about 120 env steps/s).", "",
-          "| dataset | transitions | episodes | mean return | min | max | mean normalized | terminals | timeouts |",
-          "|---|---|---|---|---|---|---|---|---|", *lines, "",
+          "| dataset | transitions | episodes | mean return | min | max | mean normalized | terminals | timeouts | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
           "## Behaviour policies (recipe/policies)", "",
           "Returns of the SAC snapshot when it was taken: stochastic (as the data is sampled) and deterministic, "
           "mean of 5 episodes.", "",
