@@ -31,16 +31,18 @@ SOURCE_NOTE = {
 }
 
 
-def load_runs(grid: Path) -> list[dict]:
-    runs = []
+def load_runs(grid: Path) -> tuple[list[dict], list[str]]:
+    """The grid's finished runs, and the cells left out because their recipe data was rebuilt since."""
+    runs, stale = [], []
     for f in sorted(grid.glob("*/*/result.json")):
         r = json.loads(f.read_text())
         if data_changed(r):
             print(f"left out {f.parent}: its recipe dataset was rebuilt since; rerun it with benchmarks/run.py")
+            stale.append(f"{r['algorithm']}/{r['dataset']}")
             continue
         r["_dir"] = f.parent
         runs.append(r)
-    return runs
+    return runs, stale
 
 
 def load_published() -> dict[tuple[str, str], list[dict]]:
@@ -153,7 +155,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(BENCH / "results"), help="tables and plots go to <out-dir>/<label>/")
     a = p.parse_args()
     grid = Path(a.runs_dir) / a.label
-    runs = load_runs(grid)
+    runs, stale = load_runs(grid)
     if not runs:
         raise SystemExit(f"no result.json under {grid}")
     manifest = json.loads((grid / "manifest.json").read_text()) if (grid / "manifest.json").exists() else {}
@@ -208,10 +210,16 @@ def main() -> None:
             row += [f"{np.mean([s.mean() for s in scores]):.1f}", f"{pt:.1f} [{lo:.1f}, {hi:.1f}]"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Runs", "", "| cell | command | wall time | phases | date |", "|---|---|---|---|---|"]
+    left_out = {f"{x.split('/')[0]}/{base_name(x.split('/', 1)[1])}" for x in stale}
     for name, c in sorted(manifest.get("cells", {}).items()):
+        if name in left_out:
+            continue
         r = cell.get((name.split("/")[0], next((d for d in datasets if base_name(d) == name.split("/")[1]), "")), {})
         phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r.get("phase_times_s", {}).items()) or "-"
         lines.append(f"| {name} | `{c['command']}` | {c['wall_time_s'] / 60:.1f} min | {phases} | {c['date']} |")
+    if stale:
+        lines += ["", "Left out (trained on recipe data that has been rebuilt since from new behaviour policies; "
+                  "rerun with benchmarks/run.py): " + ", ".join(stale)]
     lines += ["", "![final scores](bars.png)", ""] + [f"![{d}](curves_{d}.png)" for d in datasets]
     (out / "scores.md").write_text("\n".join(lines) + "\n")
     with open(out / "scores.csv", "w", newline="") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_bootstrap_ci():
 
 def test_aggregate_tables_and_plots(tmp_path):
     grid = tmp_path / "runs" / "t"
-    for algo, base in (("bc", 40.0), ("iql", 60.0)):
+    for algo, base in (("bc", 40.0), ("iql", 60.0), ("td3bc", 50.0)):
         d = grid / algo / "hopper-medium"
         d.mkdir(parents=True)
         hist = [{"update": u, "returns": [1.0, 2.0], "normalized": [base * u / 2000, base * u / 2000 + 2]} for u in (1000, 2000)]
@@ -42,15 +43,17 @@ def test_aggregate_tables_and_plots(tmp_path):
                      "best_normalized": base + 2 * i + 1} for i in range(2)]
         (d / "result.json").write_text(json.dumps({
             "algorithm": algo, "dataset": "hopper-medium-recipe", "source": "recipe:x", "source_kind": "recipe", "eval_env": "Hopper-v4",
-            "num_updates": 2000, "seeds": [0, 1], "per_seed": per_seed, "eval_history": hist}))
+            "num_updates": 2000, "seeds": [0, 1], "per_seed": per_seed, "eval_history": hist,
+            **({"dataset_sha256": "0" * 64} if algo == "td3bc" else {})}))  # td3bc: trained on data rebuilt since
     (grid / "manifest.json").write_text(json.dumps({"grid_command": "python benchmarks/run.py --label t", "hardware": "test cpu",
                                                     "cells": {"bc/hopper-medium": {"date": "2026-11-25 12:00 UTC", "wall_time_s": 60.0,
                                                                                         "command": "python algorithms/bc.py --env hopper-medium"}}}))
     r = subprocess.run([sys.executable, "benchmarks/aggregate.py", "--label", "t", "--runs-dir", str(tmp_path / "runs"),
                         "--out-dir", str(tmp_path / "out"), "--datasets-table", str(tmp_path / "none.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OFFRL_DATA_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "out" / "t" / "scores.md").read_text()
+    assert "| td3bc |" not in md and "Left out (trained on recipe data that has been rebuilt since" in md
     assert "NOT the D4RL dataset" in md
     assert "| hopper-medium-recipe | recipe | iql | 2,000 × 2 | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
     assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
