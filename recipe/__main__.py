@@ -36,7 +36,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     if a.record:  # recipe/manifest.json: the hash a rebuild must reproduce
         with h5py.File(out, "r") as f:
             entry = {"seed": a.seed, "num_transitions_arg": a.num_transitions, "transitions": len(f["rewards"]),
-                     "sha256": f["metadata/sha256"][()].decode(), "build_time_s": float(f["metadata/build_time_s"][()].decode())}
+                     "sha256": f["metadata/sha256"][()].decode(), "build_time_s": float(f["metadata/build_time_s"][()].decode()),
+                     "inputs_sha256": f["metadata/inputs_sha256"][()].decode()}
         manifest = json.loads(build.MANIFEST.read_text()) if build.MANIFEST.exists() else {}
         manifest[f"{env}-{kind}"] = entry
         build.MANIFEST.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")

@@ -348,9 +348,12 @@ def expected_hash(name: str, n: int | None, seed: int) -> str | None:
     if not MANIFEST.exists():
         return None
     entry = json.loads(MANIFEST.read_text()).get(name)
-    if entry and entry.get("num_transitions_arg") == n and entry.get("seed") == seed:
-        return entry["sha256"]
-    return None
+    if not entry or entry.get("num_transitions_arg") != n or entry.get("seed") != seed:
+        return None
+    env, kind = name.split("-", 1)
+    if "inputs_sha256" in entry and available(env, kind) and entry["inputs_sha256"] != inputs_sha256(env, kind):
+        return None  # the manifest lists a build from other policies
+    return entry["sha256"]
 
 
 def build_dataset(name: str, path: Path, n: int | None = None, seed: int = 0, progress: bool = True) -> Path:
