@@ -158,6 +158,7 @@ def test_build_record_writes_the_manifest(tmp_path, monkeypatch, capsys):
     assert build.expected_hash("hopper-random", 300, 2) == entry["sha256"]
     cli.cmd_build(args)  # up to date: not rebuilt
     assert "exists" in capsys.readouterr().out
+    assert entry["inputs_sha256"] == build.inputs_sha256("hopper", "random")
 
 
 def test_medium_expert_is_medium_then_expert(shipped, tmp_path):
