@@ -206,12 +206,11 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
         if data is None and source in ("auto", "recipe"):
             p = recipe_path(env_name, kind)
             tried.append(f"recipe: {p}")
-            if p.exists() and _recipe_is_stale(env_name, kind, p):
+            stale = p.exists() and _recipe_is_stale(env_name, kind, p)
+            if stale:
                 print(f"{p} was built from other behaviour policies than recipe/ ships now: "
                       + ("rebuilding it" if build else "loading it anyway (build=False)"))
-                if build:
-                    p = _build_recipe(env_name, kind, p, tried)
-            elif not p.exists() and build:
+            if build and (stale or not p.exists()):
                 p = _build_recipe(env_name, kind, p, tried)
             if p is not None and p.exists():
                 data, ends = read_d4rl_hdf5(p)

@@ -64,7 +64,7 @@ def main() -> None:
                 "sha256": info.get("dataset_sha256"), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     table = {f"{e}-{k}": table[f"{e}-{k}"] for e in build.ENV_IDS for k in KINDS if f"{e}-{k}" in table}
     lines = [f"| {name} | {t['transitions']:,} | {t['episodes']:,} | {t['mean_return']:.0f} | {t['min_return']:.0f} "
-             f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} | {t.get('date', '2026-11-25')} |"
+             f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} | {t.get('date', 'unknown')} |"
              for name, t in table.items()]
     (out / "datasets.json").write_text(json.dumps(table, indent=2))
     md = ["# D4RL-recipe datasets", "",
