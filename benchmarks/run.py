@@ -14,6 +14,7 @@ benchmarks/runs/<label>/manifest.json, which aggregate.py turns into tables and 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -45,6 +46,25 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores; jax device {accel}"
 
 
+def update_manifest(path: Path, header: dict, cells: dict) -> None:
+    """Merge this runner's header and cells into the grid's manifest.json, under a file lock.
+
+    Several runners may fill cells of one grid at once, so the file is re-read under the lock and only
+    the cells this runner ran replace their entries; every grid command that touched the grid is kept.
+    The file is replaced atomically, so an interrupted write never loses the other cells.
+    """
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        commands = manifest.get("grid_commands") or ([manifest["grid_command"]] if "grid_command" in manifest else [])
+        if header["grid_command"] not in commands:
+            commands.append(header["grid_command"])
+        manifest.update(header, grid_commands=commands, cells={**manifest.get("cells", {}), **cells})
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+
+
 def data_changed(result: dict) -> bool:
     """Whether a finished run trained on recipe data that has been rebuilt since (new behaviour policies).
 
@@ -60,11 +80,7 @@ def data_changed(result: dict) -> bool:
     from recipe import build
 
     env, kind = common.parse_name(result["dataset"].removesuffix("-recipe"))
-    cached = common.recipe_path(env, kind)
-    if cached.exists() and build.available(env, kind) and not build.is_stale(cached, env, kind):
-        want = common._recipe_sha256(cached)
-    else:
-        want = build.expected_hash(f"{env}-{kind}", None, 0)
+    want = build.current_sha256(env, kind, common.recipe_path(env, kind))
     return want is not None and want != got
 
 
@@ -85,9 +101,9 @@ def main() -> None:
     grid_dir = RUNS / a.label
     grid_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = grid_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cells": {}}
-    manifest.update(label=a.label, hardware=hardware(), num_seeds=a.num_seeds, num_updates=a.num_updates,
-                    grid_command=" ".join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+    header = dict(label=a.label, hardware=hardware(), num_seeds=a.num_seeds, num_updates=a.num_updates,
+                  grid_command=" ".join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+    ran: dict[str, dict] = {}  # the cells this runner ran; only these replace entries in the manifest
     for algo in a.algos:
         for ds in a.datasets:
             cell = grid_dir / algo / ds
@@ -113,17 +129,13 @@ def main() -> None:
             t0 = time.time()
             with open(cell / "stdout.log", "a") as log:
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-            # re-read before writing: another runner may be filling other cells of the same grid
-            cells = json.loads(manifest_path.read_text())["cells"] if manifest_path.exists() else {}
-            manifest["cells"] = {**cells, **manifest["cells"]}
-            manifest["cells"][f"{algo}/{ds}"] = {"command": shown, "returncode": rc, "wall_time_s": round(time.time() - t0, 1),
-                                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            manifest_path.write_text(json.dumps(manifest, indent=2))
+            ran[f"{algo}/{ds}"] = {"command": shown, "returncode": rc, "wall_time_s": round(time.time() - t0, 1),
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            update_manifest(manifest_path, header, ran)
             if rc != 0:
                 print(f"  FAILED (rc {rc}); see {cell / 'stdout.log'}", flush=True)
-    cells = json.loads(manifest_path.read_text())["cells"] if manifest_path.exists() else {}
-    manifest["cells"] = {**cells, **manifest["cells"]}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    if not a.dry_run:
+        update_manifest(manifest_path, header, ran)
 
 
 if __name__ == "__main__":

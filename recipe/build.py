@@ -356,6 +356,20 @@ def expected_hash(name: str, n: int | None, seed: int) -> str | None:
     return entry["sha256"]
 
 
+def current_sha256(env: str, kind: str, cached: Path | None = None) -> str | None:
+    """The sha256 that `<env>-<kind>` built from this checkout's shipped policies has.
+
+    That of the cached file at `cached` when it is up to date with the shipped files, else the one
+    recorded in recipe/manifest.json (None when neither is known). Runs compare it with their
+    `dataset_sha256` to tell whether their data has been rebuilt since.
+    """
+    if cached is not None and cached.exists() and available(env, kind) and not is_stale(cached, env, kind):
+        with h5py.File(cached, "r") as f:
+            if "metadata/sha256" in f:
+                return f["metadata/sha256"][()].decode()
+    return expected_hash(f"{env}-{kind}", None, 0)
+
+
 def build_dataset(name: str, path: Path, n: int | None = None, seed: int = 0, progress: bool = True) -> Path:
     """Build `name` into `path` (atomically) and return the path."""
     t0 = time.time()

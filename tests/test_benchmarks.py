@@ -75,3 +75,21 @@ def test_runs_on_rebuilt_recipe_data_are_flagged(tmp_path, monkeypatch):
     assert data_changed({**r, "dataset_sha256": "0" * 64})
     assert not data_changed(r)  # older runs without the field are taken as they are
     assert not data_changed({**r, "source_kind": "d4rl", "dataset_sha256": "0" * 64})
+
+
+def test_manifest_keeps_cells_of_concurrent_runners(tmp_path):
+    """Two runners on one grid: each one's cells replace only their own entries, never the other's newer ones."""
+    from run import update_manifest
+
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"grid_command": "python benchmarks/run.py --label old",
+                                "cells": {"bc/a": {"date": "old"}, "iql/b": {"date": "old"}}}))
+    head = {"label": "t", "hardware": "cpu", "num_seeds": 1, "num_updates": 10}
+    update_manifest(path, {**head, "grid_command": "runner 1"}, {"bc/a": {"date": "new 1"}})
+    update_manifest(path, {**head, "grid_command": "runner 2"}, {"iql/b": {"date": "new 2"}})
+    update_manifest(path, {**head, "grid_command": "runner 1"}, {"bc/a": {"date": "new 1"}, "cql/c": {"date": "new 1"}})
+    m = json.loads(path.read_text())
+    assert m["cells"] == {"bc/a": {"date": "new 1"}, "iql/b": {"date": "new 2"}, "cql/c": {"date": "new 1"}}
+    assert m["grid_commands"] == ["python benchmarks/run.py --label old", "runner 1", "runner 2"]
+    assert m["grid_command"] == "runner 1"
+    assert not (tmp_path / "manifest.json.tmp").exists()
