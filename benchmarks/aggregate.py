@@ -233,6 +233,7 @@ def main() -> None:
           "(from benchmarks/results/datasets.md). Positive: the algorithm improved on it.", "",
           "| dataset | data score | BC | " + " | ".join(f"{al} (vs BC, vs data)" for al in algos if al != "bc") + " |",
           "|---" * (3 + len([al for al in algos if al != "bc"])) + "|"]
+    tally: dict[str, list[int]] = {al: [0, 0, 0, 0] for al in algos}  # beats BC, of, beats data, of
     for d in datasets:
         data_score = behaviour.get(base_name(d), {}).get("mean_normalized")
         bc = cell.get(("bc", d))
@@ -249,7 +250,19 @@ def main() -> None:
             vs_bc = "n/a" if bc_m is None else f"{m - bc_m:+.1f}"
             vs_data = "n/a" if data_score is None else f"{m - data_score:+.1f}"
             row.append(f"{m:.1f} ({vs_bc}, {vs_data})")
+            t = tally[al]
+            if bc_m is not None:
+                t[0], t[1] = t[0] + (m > bc_m), t[1] + 1
+            if data_score is not None:
+                t[2], t[3] = t[2] + (m > data_score), t[3] + 1
         bl.append("| " + " | ".join(row) + " |")
+    bl += ["", "In how many datasets each algorithm's mean last score is above BC's and above the data's (a count, not a "
+           "significance test: the seed-to-seed spread is in scores.md):", "",
+           "| algorithm | above BC | above the data |", "|---|---|---|"]
+    for al in algos:
+        if al != "bc" and tally[al][1] + tally[al][3]:
+            k = tally[al]
+            bl.append(f"| {al} | {f'{k[0]} of {k[1]}' if k[1] else 'n/a'} | {f'{k[2]} of {k[3]}' if k[3] else 'n/a'} |")
     (out / "beats_data.md").write_text("\n".join(bl) + "\n")
     plot_curves(runs, out)
     plot_bars(runs, algos, datasets, out)

@@ -60,6 +60,7 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert "test cpu" in md and "| bc/hopper-medium | `python algorithms/bc.py --env hopper-medium` | 1.0 min | - |" in md
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
+    assert "| iql | 1 of 1 | n/a |" in beats  # no datasets table given: nothing to compare with the data
     for png in ("bars.png", "curves_hopper-medium-recipe.png"):
         assert (tmp_path / "out" / "t" / png).stat().st_size > 5000
 
