@@ -4,14 +4,17 @@
 
 Each measurement is a fresh process `python algorithms/<algo>.py --dataset <synthetic Hopper-shaped
 file> --eval-env Hopper-v4 --num-updates U --eval-interval U --eval-episodes 1`; the scripts report
-`updates_per_s` (training only) and `compile_time_s` in result.json, and `/usr/bin/time` gives the
+`updates_per_s` (training only) and `compile_time_s` in result.json, and the child's rusage gives its
 peak resident memory. Speed does not depend on the data's values, so the file is random numbers.
+MOPO and COMBO are timed on their agent phase, with one dynamics ensemble trained first (one epoch,
+timed too) and loaded by every measurement through `--load-model`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,23 +40,45 @@ def synthetic(path: Path, n: int = 100_000) -> None:
         f["timeouts"] = (np.arange(n) % 1000 == 999).astype(np.float32)
 
 
+MODEL_BASED = ("mopo", "combo")
+
+
+def dynamics_model(data: Path, out: Path, extra: list[str]) -> tuple[Path, float]:
+    """Train one dynamics ensemble for one epoch (mopo.py, no agent updates); return its file and the epoch's seconds.
+
+    MOPO and COMBO are then timed on their agent phase with `--load-model` (the agent's speed does not depend on
+    the model's quality); a real run trains the model first, for a time that grows with the dataset.
+    """
+    log, path = out / "dynamics", out / "dynamics.msgpack"
+    cmd = [sys.executable, "algorithms/mopo.py", "--dataset", str(data), "--eval-env", "Hopper-v4", "--num-updates", "0",
+           "--eval-episodes", "1", "--model-epochs", "1", "--model-path", str(path), "--log-dir", str(log), *extra]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0 or not path.exists():
+        raise SystemExit(f"training the dynamics model failed:\n{p.stdout[-1000:]}{p.stderr[-1000:]}")
+    r = json.loads((log / "result.json").read_text())
+    return path, float(r["phase_times_s"]["model_training"])
+
+
 def measure(algo: str, seeds: int, updates: int, data: Path, out: Path, extra: list[str]) -> dict:
     log = out / f"{algo}-s{seeds}"
-    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, f"algorithms/{algo}.py", "--dataset", str(data), "--eval-env", "Hopper-v4",
+    log.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, f"algorithms/{algo}.py", "--dataset", str(data), "--eval-env", "Hopper-v4",
            "--num-seeds", str(seeds), "--num-updates", str(updates), "--eval-interval", str(updates), "--eval-episodes", "1",
            "--log-dir", str(log), *extra]
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"algorithm": algo, "num_seeds": seeds, "error": p.stderr[-500:]}
+    with open(log / "console.log", "w") as console:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak resident memory
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"algorithm": algo, "num_seeds": seeds, "error": (log / "console.log").read_text()[-500:]}
     r = json.loads((log / "result.json").read_text())
-    peak = int(next(line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_KB")))
     ups = r["updates_per_s"]
     return {"algorithm": algo, "num_seeds": seeds, "updates": updates, "updates_per_s": ups,
             "seed_updates_per_s": ups * seeds, "compile_time_s": r.get("compile_time_s"),
             "hours_per_1M_train_only": 1e6 / ups / 3600,
             "hours_per_1M_with_compile": (1e6 / ups + (r.get("compile_time_s") or 0)) / 3600,
-            "peak_rss_mb": peak / 1024, "process_wall_s": time.time() - t0}
+            "peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": time.time() - t0}  # ru_maxrss is in KiB on Linux
 
 
 def main() -> None:
@@ -64,15 +89,21 @@ def main() -> None:
     p.add_argument("--seed-updates", type=int, default=20_000, help="updates x seeds per measurement (at least 500 updates)")
     p.add_argument("--extra", default="", help="extra flags for every script")
     p.add_argument("--note", default="", help="conditions of the measurement, printed in the table (e.g. pinned cores, other load)")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where speed_<label>.md/.json go")
     a = p.parse_args()
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "synthetic.hdf5"
         synthetic(data)
+        model, model_epoch_s = None, None
+        if any(al in MODEL_BASED for al in a.algos):
+            model, model_epoch_s = dynamics_model(data, Path(tmp), a.extra.split())
         for algo in a.algos:
             for s in a.seeds:
-                row = measure(algo, s, max(500, a.seed_updates // s), data, Path(tmp), a.extra.split())
+                extra = a.extra.split() + (["--load-model", str(model)] if algo in MODEL_BASED else [])
+                row = measure(algo, s, max(500, a.seed_updates // s), data, Path(tmp), extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     hw = hardware()
@@ -80,8 +111,12 @@ def main() -> None:
     (out_dir / f"speed_{a.label}.json").write_text(json.dumps({"hardware": hw, "date": date, "rows": rows}, indent=2))
     lines = [f"# Speed: {a.label}", "", f"- Hardware: {hw}", f"- Date: {date}",
              f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
-             "- Batch 256, 2x256 hidden layers (the scripts' defaults); synthetic Hopper-shaped data (100k transitions).",
+             "- Each script's default batch size and networks (batch 256; 2x256 hidden layers, CQL 3x256); synthetic "
+             "Hopper-shaped data (100k transitions).",
              "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.",
+             *([f"- MOPO/COMBO: the agent phase only (model rollouts included), with a dynamics ensemble loaded by "
+                f"`--load-model`; training that ensemble took {model_epoch_s:.0f} s per epoch on these 100k transitions "
+                "(a real run trains it first, for up to --model-max-time-s)."] if model else []),
              *([f"- Conditions: {a.note}"] if a.note else []), "",
              "| algorithm | seeds | updates/s (per seed) | seed-updates/s | compile (s) | 1M updates, train only | 1M updates + compile | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -94,3 +94,13 @@ def test_manifest_keeps_cells_of_concurrent_runners(tmp_path):
     assert m["grid_commands"] == ["python benchmarks/run.py --label old", "runner 1", "runner 2"]
     assert m["grid_command"] == "runner 1"
     assert not (tmp_path / "manifest.json.tmp").exists()
+
+
+def test_speed_table(tmp_path):
+    """speed.py times a script on synthetic data and writes the table (BC, 500 updates: a few seconds)."""
+    r = subprocess.run([sys.executable, "benchmarks/speed.py", "--label", "t", "--algos", "bc", "--seeds", "1",
+                        "--seed-updates", "500", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "speed_t.json").read_text())["rows"][0]
+    assert row["algorithm"] == "bc" and row["updates"] == 500 and row["updates_per_s"] > 0 and row["peak_rss_mb"] > 50
+    assert "| bc | 1 |" in (tmp_path / "speed_t.md").read_text()
