@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def main() -> None:
     grid_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = grid_dir / "manifest.json"
     header = dict(label=a.label, hardware=hardware(), num_seeds=a.num_seeds, num_updates=a.num_updates,
-                  grid_command=" ".join(["python", "benchmarks/run.py", *sys.argv[1:]]))
+                  grid_command=shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]))
     ran: dict[str, dict] = {}  # the cells this runner ran; only these replace entries in the manifest
     for algo in a.algos:
         for ds in a.datasets:
@@ -121,7 +122,7 @@ def main() -> None:
             ckpt = cell / "checkpoint.msgpack"
             if ckpt.exists():
                 cmd += ["--load", str(ckpt.relative_to(ROOT))]
-            shown = " ".join(["python", *cmd[1:]])
+            shown = shlex.join(["python", *cmd[1:]])
             print(shown, flush=True)
             if a.dry_run:
                 continue

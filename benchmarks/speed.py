@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,7 @@ def main() -> None:
     date = time.strftime("%Y-%m-%d", time.gmtime())
     (out_dir / f"speed_{a.label}.json").write_text(json.dumps({"hardware": hw, "date": date, "rows": rows}, indent=2))
     lines = [f"# Speed: {a.label}", "", f"- Hardware: {hw}", f"- Date: {date}",
-             f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
+             f"- Command: `python benchmarks/speed.py {shlex.join(sys.argv[1:])}`",
              "- Each script's default batch size and networks (batch 256; 2x256 hidden layers, CQL 3x256); synthetic "
              "Hopper-shaped data (100k transitions).",
              "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.",
