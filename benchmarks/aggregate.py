@@ -153,6 +153,9 @@ def main() -> None:
                    help="behaviour-data scores written by benchmarks/datasets.py")
     p.add_argument("--runs-dir", default=str(BENCH / "runs"), help="where benchmarks/run.py put the grids")
     p.add_argument("--out-dir", default=str(BENCH / "results"), help="tables and plots go to <out-dir>/<label>/")
+    p.add_argument("--bc-from", default=None,
+                   help="another grid's label whose BC runs beats_data.md compares with, for datasets this grid has no BC run "
+                        "on (e.g. --label cpu-reduced-mb --bc-from cpu-reduced)")
     a = p.parse_args()
     grid = Path(a.runs_dir) / a.label
     runs, stale = load_runs(grid)
@@ -171,7 +174,7 @@ def main() -> None:
     head = [f"# Scores: {a.label}", "",
             f"**Data: {'; '.join(SOURCE_NOTE.get(k, k) for k in kinds)}.**", "",
             f"- Commands: one per cell, listed under 'Runs' below (from {grid.name}/manifest.json), then "
-            f"`python benchmarks/aggregate.py --label {a.label}`",
+            f"`python benchmarks/aggregate.py --label {a.label}{f' --bc-from {a.bc_from}' if a.bc_from else ''}`",
             f"- Updates: {sorted({r['num_updates'] for r in runs})}; seeds per cell: {sorted({len(r['seeds']) for r in runs})}",
             f"- Hardware: {manifest.get('hardware', 'unknown')}",
             f"- Dates: {', '.join(sorted({c['date'][:10] for c in manifest.get('cells', {}).values()})) or 'unknown'}",
@@ -234,11 +237,19 @@ def main() -> None:
           "| dataset | data score | BC | " + " | ".join(f"{al} (vs BC, vs data)" for al in algos if al != "bc") + " |",
           "|---" * (3 + len([al for al in algos if al != "bc"])) + "|"]
     tally: dict[str, list[int]] = {al: [0, 0, 0, 0] for al in algos}  # beats BC, of, beats data, of
+    other_bc = {}
+    if a.bc_from:
+        other_bc = {r["dataset"]: r for r in load_runs(Path(a.runs_dir) / a.bc_from)[0] if r["algorithm"] == "bc"}
+        bl[-2:-2] = [f"BC marked * is from the grid `{a.bc_from}` (its updates × seeds in brackets): this grid has no BC run "
+                     "on that dataset.", ""]
     for d in datasets:
         data_score = behaviour.get(base_name(d), {}).get("mean_normalized")
-        bc = cell.get(("bc", d))
+        bc, bc_note = cell.get(("bc", d)), ""
+        if bc is None and d in other_bc:
+            bc = other_bc[d]
+            bc_note = f"* ({bc['num_updates']:,} × {len(bc['seeds'])})"
         bc_m = None if bc is None else float(np.mean(per_seed(bc, "last_normalized")))
-        row = [d, "n/a" if data_score is None else f"{data_score:.1f}", "n/a" if bc_m is None else f"{bc_m:.1f}"]
+        row = [d, "n/a" if data_score is None else f"{data_score:.1f}", "n/a" if bc_m is None else f"{bc_m:.1f}{bc_note}"]
         for al in algos:
             if al == "bc":
                 continue

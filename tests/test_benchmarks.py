@@ -61,6 +61,16 @@ def test_aggregate_tables_and_plots(tmp_path):
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
     assert "| iql | 1 of 1 | n/a |" in beats  # no datasets table given: nothing to compare with the data
+
+    # a grid without BC compares with another grid's BC runs when asked (--bc-from)
+    (tmp_path / "runs" / "mb" / "iql").mkdir(parents=True)
+    os.symlink(grid / "iql" / "hopper-medium", tmp_path / "runs" / "mb" / "iql" / "hopper-medium")
+    r = subprocess.run([sys.executable, "benchmarks/aggregate.py", "--label", "mb", "--runs-dir", str(tmp_path / "runs"),
+                        "--out-dir", str(tmp_path / "out"), "--datasets-table", str(tmp_path / "none.json"), "--bc-from", "t"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OFFRL_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    beats = (tmp_path / "out" / "mb" / "beats_data.md").read_text()
+    assert "| hopper-medium-recipe | n/a | 41.0* (2,000 × 2) | 61.0 (+20.0, n/a) |" in beats and "grid `t`" in beats
     for png in ("bars.png", "curves_hopper-medium-recipe.png"):
         assert (tmp_path / "out" / "t" / png).stat().st_size > 5000
 
