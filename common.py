@@ -17,15 +17,26 @@ Sources of a name, in order (force one with `source=`):
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
 import re
-from collections.abc import Callable
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
+import flax.serialization
 import gymnasium as gym
 import h5py
+import jax
+import jax.numpy as jnp
 import numpy as np
+import tyro
+from tensorboard.summary import Writer
 
 ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
@@ -40,7 +51,11 @@ REF_RETURNS = {
 }
 
 
-class DatasetError(ValueError):
+class RunError(ValueError):
+    """A run cannot start or must stop; `cli` prints it as one `error:` line, without a traceback."""
+
+
+class DatasetError(RunError):
     """A dataset could not be found, named or read; the message says why and what to do."""
 
 
@@ -49,9 +64,12 @@ def parse_name(name: str) -> tuple[str, str]:
     """'hopper-medium-replay-v2' -> ('hopper', 'medium-replay')."""
     m = re.fullmatch(r"([a-z0-9]+)-([a-z-]+?)(?:-v2)?", name)
     if m is None or m.group(1) not in ENVS or m.group(2) not in KINDS:
-        valid = ", ".join(f"{e}-{k}" for e in ENVS for k in KINDS)
-        raise DatasetError(f"unknown dataset name {name!r}. Valid names (optionally with -v2): {valid}. "
-                           "Or pass a path to a D4RL-layout HDF5 file or a Minari dataset folder.")
+        names = [f"{e}-{k}" for e in ENVS for k in KINDS]
+        close = difflib.get_close_matches(name.removesuffix("-v2"), names, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise DatasetError(f"unknown dataset name {name!r}{hint}. Names are <env>-<kind>[-v2] with env in "
+                           f"{'/'.join(ENVS)} and kind in {'/'.join(KINDS)} (`python -m recipe list` shows which this "
+                           "checkout can build), or a path to a D4RL-layout HDF5 file or a Minari dataset folder")
     return m.group(1), m.group(2)
 
 
@@ -60,9 +78,12 @@ def d4rl_path(env: str, kind: str) -> Path:
     return root / f"{env}_{kind.replace('-', '_')}-v2.hdf5"
 
 
+def _minari_root() -> Path:
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+
+
 def minari_path(env: str, kind: str) -> Path:
-    root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-    return root / "mujoco" / env / f"{kind}-v0"
+    return _minari_root() / "mujoco" / env / f"{kind}-v0"
 
 
 def recipe_path(env: str, kind: str) -> Path:
@@ -161,10 +182,18 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
         raise DatasetError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
     info: dict = {"task": None, "eval_env": eval_env, "eval_env_kwargs": {}, "ref_min_score": None, "ref_max_score": None}
     path = Path(name_or_path).expanduser()
-    looks_like_path = path.suffix in (".hdf5", ".h5") or os.sep in name_or_path or path.exists()
+    if not path.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)+-v\d+", name_or_path):  # a Minari dataset id
+        path = _minari_root() / name_or_path
+        if not path.exists():
+            raise DatasetError(f"Minari dataset {name_or_path!r} is not installed under {_minari_root()} "
+                               f"($MINARI_DATASETS_PATH): `minari download {name_or_path}` fetches it (needs internet)")
+    looks_like_path = path.suffix != "" or os.sep in name_or_path or path.exists()
     if looks_like_path:
         if not path.exists():
             raise DatasetError(f"dataset path {path} does not exist")
+        if path.is_file() and path.suffix not in (".hdf5", ".h5") and not h5py.is_hdf5(path):
+            raise DatasetError(f"{path}: unsupported dataset format {path.suffix!r}; supported are D4RL-layout HDF5 "
+                               "files (.hdf5/.h5) and Minari dataset folders")
         if path.is_dir():
             data, ends, meta = read_minari(path)
             info.update(source=f"minari:{path}", source_kind="minari")
@@ -306,14 +335,293 @@ def make_eval_env(info: dict, num_envs: int, seed: int = 0) -> gym.vector.SyncVe
 
 
 def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarray], seed: int | None = None) -> np.ndarray:
-    """Run one episode in every sub-env; return their undiscounted returns [num_envs]."""
+    """Run one episode in every sub-env with act_fn(obs) -> env actions; return the undiscounted returns [num_envs]."""
     obs, _ = env.reset(seed=seed)
     n = env.num_envs
     returns, done = np.zeros(n), np.zeros(n, bool)
-    low, high = env.single_action_space.low, env.single_action_space.high
     while not done.all():
-        action = np.clip(np.asarray(act_fn(obs.astype(np.float32))), low, high)
+        action = np.asarray(act_fn(obs.astype(np.float32)))  # in env units (Prep.to_env clips once)
         obs, r, term, trunc, _ = env.step(action)
         returns += np.where(done, 0.0, r)
         done |= term | trunc
     return returns
+
+
+
+# ---- The run harness: data preparation, evaluation, the run record, checkpoints ----
+RESULT_KEYS = ("algorithm", "dataset", "source", "source_kind", "dataset_sha256", "eval_env", "num_updates", "seeds",
+               "last_return", "best_return", "last_normalized", "best_normalized", "per_seed", "interrupted",
+               "wall_time_s", "updates_per_s", "compile_time_s", "config", "hyperparameters", "eval_history")
+SECONDS_PER_CALL = 5.0  # target length of one device call: a progress line, and Ctrl-C handled, every few seconds
+
+
+@dataclasses.dataclass
+class Prep:
+    """Env units <-> training units: states (s - mean) / std; actions from the env's box to [-1, 1] and back."""
+
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    act_low: np.ndarray
+    act_high: np.ndarray
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, np.asarray(getattr(self, f.name), np.float32))
+
+    @classmethod
+    def fit(cls, data: dict[str, np.ndarray], action_space: gym.spaces.Box, normalize_states: bool) -> Prep:
+        d = data["observations"].shape[1]
+        mean, std = state_stats(data["observations"]) if normalize_states else (np.zeros(d), np.ones(d))
+        return cls(mean, std, action_space.low, action_space.high)
+
+    obs_dim = property(lambda self: len(self.obs_mean))
+    act_dim = property(lambda self: len(self.act_low))
+
+    def to_unit(self, a: np.ndarray) -> np.ndarray:
+        return np.clip(2.0 * (a - self.act_low) / (self.act_high - self.act_low) - 1.0, -1.0, 1.0)
+
+    def to_env(self, a: np.ndarray) -> np.ndarray:
+        return self.act_low + (np.clip(a, -1.0, 1.0) + 1.0) * 0.5 * (self.act_high - self.act_low)
+
+    def arrays(self, data: dict[str, np.ndarray], rewards: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The training arrays (put them on the device once): normalized states, [-1, 1] actions, rewards, terminals."""
+        return {"observations": (data["observations"] - self.obs_mean) / self.obs_std, "actions": self.to_unit(data["actions"]),
+                "rewards": np.asarray(data["rewards"] if rewards is None else rewards, np.float32),
+                "next_observations": (data["next_observations"] - self.obs_mean) / self.obs_std, "terminals": data["terminals"]}
+
+
+def policy_act(prep: Prep, action_fn: Callable[[jax.Array], jax.Array]) -> Callable[[np.ndarray], np.ndarray]:
+    """act(obs) -> env action, for obs [obs_dim] or [batch, obs_dim]; action_fn maps normalized states to [-1, 1]."""
+    f = jax.jit(lambda obs: action_fn((obs - prep.obs_mean) / prep.obs_std))
+    return lambda obs: prep.to_env(np.asarray(f(jnp.asarray(obs, jnp.float32))))
+
+
+def evaluate_policy(env: gym.vector.VectorEnv, policy: Callable, params, info: dict, prep: Prep,
+                    num_seeds: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean return [S] and normalized score [S] of each seed; policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1]."""
+    def act_fn(obs: np.ndarray) -> np.ndarray:
+        a = policy(params, jnp.asarray(obs, jnp.float32).reshape(num_seeds, -1, obs.shape[-1]))
+        return prep.to_env(np.asarray(a).reshape(len(obs), -1))
+    returns = evaluate(env, act_fn).reshape(num_seeds, -1)
+    norm = normalized_score(info, returns)
+    return returns.mean(1), None if norm is None else np.asarray(norm).mean(1)
+
+
+def save_checkpoint(path: str | Path, states, step: int, meta: dict) -> None:
+    """Atomic write of the train state, the update count and `meta` (config, Prep, dataset, log folder, evaluations)."""
+    blob = flax.serialization.msgpack_serialize(
+        {"state": flax.serialization.to_state_dict(states), "step": step, "meta": json.dumps(meta)})
+    Path(f"{path}.tmp").write_bytes(blob)
+    os.replace(f"{path}.tmp", path)
+
+
+@lru_cache(maxsize=1)
+def read_checkpoint(path: str, algorithm: str | None = None) -> dict:
+    """{'state': raw state dict, 'step', 'meta'} of a checkpoint; a missing, foreign or corrupt file is a RunError."""
+    try:
+        raw = flax.serialization.msgpack_restore(Path(path).read_bytes())
+        raw["meta"] = json.loads(raw["meta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"cannot read checkpoint {path}: {e}") from None
+    if algorithm and raw["meta"]["algorithm"] != algorithm:
+        raise RunError(f"{path} is a {raw['meta']['algorithm']} checkpoint, not {algorithm}")
+    return raw
+
+
+def restore_state(template, raw_state: dict, path: str):
+    """The checkpoint's arrays in the structure of `template` (fresh buffers, so they can be donated)."""
+    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(raw_state), strict=False):
+        if np.shape(a) != np.shape(b):
+            raise RunError(f"checkpoint {path} does not match this configuration (array shape {np.shape(b)} vs {np.shape(a)})")
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), flax.serialization.from_state_dict(template, raw_state))
+
+
+def debug_nan_at() -> int:
+    """Testing aid, not a flag: $OFFRL_DEBUG_NAN_AT=N puts a NaN into a loss at update N to exercise the NaN guard."""
+    return int(os.environ.get("OFFRL_DEBUG_NAN_AT", "-1"))
+
+
+def _hms(s: float) -> str:
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+class Run:
+    """One run's record: the eval env and Prep, log folder, TensorBoard, evals.csv, last/best, progress lines,
+    checkpoints (resumed in the same folder) and result.json. Ctrl-C stops it after the current device call."""
+
+    def __init__(self, algorithm: str, args, info: dict, data: dict[str, np.ndarray], hyperparameters: dict | None = None):
+        for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes"):
+            if getattr(args, name) < 1:
+                raise RunError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.num_updates < 0 or (args.num_updates == 0 and not args.load):
+            raise RunError("--num-updates must be > 0 (or 0 with --load CHECKPOINT, to evaluate it)")
+        self.algorithm, self.args, self.info, self.hp, self.t_start = algorithm, args, info, hyperparameters or {}, time.time()
+        self.seeds = [args.seed + i for i in range(args.num_seeds)]
+        self.env = make_eval_env(info, num_envs=args.num_seeds * args.eval_episodes, seed=args.seed)
+        ckpt = read_checkpoint(args.load, algorithm) if args.load else None
+        meta = ckpt["meta"] if ckpt else {}
+        sha = meta.get("dataset", {}).get("dataset_sha256")
+        if ckpt and sha and sha != info.get("dataset_sha256"):
+            print(f"[{algorithm}] warning: {args.load} was trained on data with sha256 {sha[:12]}, "
+                  f"this {info['dataset']} has {str(info.get('dataset_sha256'))[:12]}")
+        self.prep = Prep(**meta["prep"]) if ckpt else Prep.fit(data, self.env.single_action_space, args.normalize_states)
+        self.schedule_args = dataclasses.replace(args, num_updates=meta["schedule_updates"]) if ckpt else args
+        tag = Path(str(info["dataset"])).stem if args.dataset else str(info["dataset"])
+        self.log_dir = Path(args.log_dir or meta.get("log_dir") or f"runs/{algorithm}/{tag}/{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.save_path = Path(args.save_path or self.log_dir / "checkpoint.msgpack")
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        self.history = meta["history"] if ckpt and Path(meta["log_dir"]) == self.log_dir else []  # one curve per folder
+        self.csv = self.log_dir / "evals.csv"
+        self.csv.write_text("update,seed,return,normalized\n" + "".join(  # rewritten from the checkpoint's evaluations
+            f"{h['update']},{s},{r},{'' if h['normalized'] is None else h['normalized'][i]}\n"
+            for h in self.history for i, (s, r) in enumerate(zip(self.seeds, h["returns"], strict=True))))
+        self.writer = Writer(str(self.log_dir))
+        self.step = self.saved_step = ckpt["step"] if ckpt else 0
+        self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = None, {}, 0.0, 0.0, 0
+        self.evaluated, self.stop, self.eval_time, self.last_line = False, False, 0.0, time.time()
+        signal.signal(signal.SIGINT, self._on_sigint)
+        label = " -- recipe data, not D4RL" if info["source_kind"] == "recipe" else ""
+        print(f"[{algorithm}] {info['dataset']} ({info['source']}{label}) -> {info['eval_env']}; seeds {self.seeds}; "
+              f"{self.hp or ''} logs in {self.log_dir}", flush=True)
+
+    def _on_sigint(self, *_) -> None:
+        self.stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        print(f"\n[{self.algorithm}] Ctrl-C: stopping after this device call (again to abort)", flush=True)
+
+    def restore(self, template):
+        """The freshly initialized train states, or the checkpoint's (--load)."""
+        if not self.args.load:
+            return jax.tree.map(lambda x: jnp.array(x, copy=True), template)  # distinct buffers (they get donated)
+        print(f"[{self.algorithm}] restored {self.args.load} at update {self.step}", flush=True)
+        return restore_state(template, read_checkpoint(self.args.load)["state"], self.args.load)
+
+    def chunks(self) -> Iterator[int]:
+        """Lengths of the device calls: ~SECONDS_PER_CALL each, ending at every evaluation, until done or Ctrl-C."""
+        while self.step < self.args.num_updates and not self.stop:
+            next_eval = (self.step // self.args.eval_interval + 1) * self.args.eval_interval
+            yield min(self.chunk or 20, next_eval - self.step, self.args.num_updates - self.step)
+
+    @property
+    def eval_due(self) -> bool:
+        return self.step % self.args.eval_interval == 0 or self.step == self.args.num_updates
+
+    def train(self, train_chunk: Callable, states, data: dict, n: int, *extra):
+        """One device call of n updates; stops on a non-finite loss (naming the update) and logs train/ metrics."""
+        step0 = jnp.asarray(self.step, jnp.int32)
+        if n not in self.compiled:  # AOT compile, timed apart from training throughput
+            t0 = time.perf_counter()
+            self.compiled[n] = train_chunk.lower(states, data, step0, *extra, num_steps=n).compile()
+            self.compile_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        states, means, first_bad = self.compiled[n](states, data, step0, *extra)
+        means, first_bad = jax.device_get((means, first_bad))
+        dt = time.perf_counter() - t0
+        self.train_time, self.trained = self.train_time + dt, self.trained + n
+        for k, m in means.items():
+            if not np.all(np.isfinite(m)):
+                where = f"update {self.step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
+                self.writer.close()
+                raise RunError(f"non-finite {k} at {where} (updates {self.step + 1}-{self.step + n}); stopped, "
+                               f"the last good checkpoint {self.save_path} is kept")
+        self.step += n
+        for k, m in means.items():
+            self.writer.add_scalar(f"train/{k}", float(np.mean(m)), self.step)
+        if self.chunk is None:  # the first call measures the speed; later calls take ~SECONDS_PER_CALL
+            best = n / dt * SECONDS_PER_CALL
+            self.chunk = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= best] or [1])
+        if time.time() - self.last_line >= 10 and not self.eval_due:
+            print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._speed()}", flush=True)
+            self.last_line = time.time()
+        return states
+
+    def _speed(self) -> str:
+        ups = self.trained / max(self.train_time, 1e-9)
+        evals_left = (self.args.num_updates - self.step) // self.args.eval_interval
+        return f"{ups:.0f} upd/s | ETA {_hms((self.args.num_updates - self.step) / ups + evals_left * self.eval_time)}"
+
+    def scores(self) -> dict:
+        """Per-seed last and best return and normalized score over this folder's evaluations (None before any)."""
+        if not self.history:
+            return dict.fromkeys(("last_return", "best_return", "last_normalized", "best_normalized"))
+        r, n = np.array([h["returns"] for h in self.history]), [h["normalized"] for h in self.history]
+        n = None if n[-1] is None else np.array(n)
+        return {"last_return": r[-1], "best_return": r.max(0), "last_normalized": None if n is None else n[-1],
+                "best_normalized": None if n is None else n.max(0)}
+
+    def evaluate(self, policy: Callable, params) -> None:
+        t0 = time.perf_counter()
+        ret, norm = evaluate_policy(self.env, policy, params, self.info, self.prep, len(self.seeds))
+        self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
+        self.evaluated, sc = True, self.scores()
+        with open(self.csv, "a") as f:
+            f.writelines(f"{self.step},{s},{ret[i]},{'' if norm is None else norm[i]}\n" for i, s in enumerate(self.seeds))
+        for name, x in (("return", ret), ("normalized", norm)):
+            for i in range(len(self.seeds) if x is not None else 0):
+                self.writer.add_scalar(f"eval/{name}/seed{i}", float(x[i]), self.step)
+            if x is not None:
+                self.writer.add_scalar(f"eval/{name}", float(x.mean()), self.step)
+        self.writer.flush()
+        self.eval_time = time.perf_counter() - t0
+        print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._scores_text(sc)} | "
+              f"eval {self.eval_time:.1f}s" + (f" | {self._speed()}" if self.trained else ""), flush=True)
+        self.last_line = time.time()
+
+    def _scores_text(self, sc: dict, i: int | None = None) -> str:
+        pick = (lambda x: x.mean()) if i is None else (lambda x: x[i])
+        pm = lambda x: f" ± {x.std():.1f}" if i is None and len(x) > 1 else ""
+        text = f"return {pick(sc['last_return']):.1f}{pm(sc['last_return'])} (best {pick(sc['best_return']):.1f})"
+        if sc["last_normalized"] is not None:
+            label = "recipe-normalized" if self.info["source_kind"] == "recipe" else "normalized"
+            text += f" | {label} {pick(sc['last_normalized']):.1f}{pm(sc['last_normalized'])} (best {pick(sc['best_normalized']):.1f})"
+        return text
+
+    def save(self, states) -> None:
+        keys = ("dataset", "task", "source", "source_kind", "dataset_sha256", "eval_env")
+        save_checkpoint(self.save_path, states, self.step, {
+            "algorithm": self.algorithm, "config": dataclasses.asdict(self.args), "prep": {k: v.tolist() for k, v in vars(self.prep).items()},
+            "schedule_updates": self.schedule_args.num_updates, "dataset": {k: self.info.get(k) for k in keys},
+            "log_dir": str(self.log_dir), "seeds": self.seeds, "history": self.history})
+        self.saved_step = self.step
+
+    def finish(self, states, policy: Callable, params, **extra) -> dict:
+        """Evaluate if nothing was (--num-updates 0), save an interrupted run, write result.json, print the summary."""
+        if not self.evaluated and not self.stop:
+            self.evaluate(policy, params)
+        if self.saved_step != self.step or not self.save_path.exists():
+            self.save(states)
+        self.writer.close()
+        sc, f = self.scores(), lambda x, i=None: None if x is None else float(x.mean() if i is None else x[i])
+        result = {"algorithm": self.algorithm, **{k: self.info.get(k) for k in ("dataset", "source", "source_kind", "dataset_sha256", "eval_env")},
+                  "num_updates": self.step, "seeds": self.seeds, **{k: f(v) for k, v in sc.items()},
+                  "per_seed": [{"seed": s, **{k: f(v, i) for k, v in sc.items()}} for i, s in enumerate(self.seeds)],
+                  "interrupted": self.stop, "wall_time_s": time.time() - self.t_start,
+                  "updates_per_s": self.trained / self.train_time if self.train_time > 0 else None,
+                  "compile_time_s": self.compile_time, "config": dataclasses.asdict(self.args), "hyperparameters": self.hp,
+                  "eval_history": self.history, **extra}
+        Path(f"{self.log_dir}/result.json.tmp").write_text(json.dumps(result, indent=2))
+        os.replace(f"{self.log_dir}/result.json.tmp", self.log_dir / "result.json")
+        done = "interrupted" if self.stop else "done"
+        print(f"[{self.algorithm}] {done} after {self.step} updates" + (f": {self._scores_text(sc)}" if self.history else "")
+              + f"; result in {self.log_dir}", flush=True)
+        for i, s in enumerate(self.seeds if len(self.seeds) > 1 and self.history else []):
+            print(f"[{self.algorithm}]   seed {s}: {self._scores_text(sc, i)}")
+        if self.stop:
+            print(f"[{self.algorithm}] resume with: python {sys.argv[0]} --load {self.save_path}")
+        return result
+
+
+def cli(args_cls: type, main: Callable) -> None:
+    """An algorithm file's command line: flags (their defaults from the checkpoint of --load), and one-line errors."""
+    argv = sys.argv[1:]
+    try:
+        load = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                     if a.split("=")[0] == "--load" and ("=" in a or i + 1 < len(argv))), None)
+        config = read_checkpoint(load)["meta"]["config"] if load else None
+        default = args_cls(**{k: v for k, v in config.items() if k in args_cls.__dataclass_fields__}) if load else None
+        main(tyro.cli(args_cls, default=default))
+    except RunError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted (before the run started: nothing to save)")
