@@ -1,18 +1,12 @@
-"""The shared layer of every algorithm: load a dataset, normalize, score, make the eval env.
+"""The shared layer of every algorithm file: datasets, normalization, scores, eval envs, and the run harness.
 
-    data, info = load_dataset("hopper-medium")          # by name
-    data, info = load_dataset("my.hdf5", eval_env="Hopper-v4")   # any D4RL-layout file
+    data, info = load_dataset("hopper-medium")                   # by name: d4rl, then minari, then recipe
+    data, info = load_dataset("my.hdf5", eval_env="Hopper-v4")   # any D4RL-layout file or Minari folder
 
-`data` is a dict of float32 arrays: observations, actions, rewards, next_observations,
-terminals (true termination: no bootstrap) and timeouts (time limit: bootstrap), the last
-two as 0/1. `info` says where the data came from (`source`, `source_kind`), the gymnasium
-env to evaluate in, the D4RL reference returns, and the episode boundaries.
-
-Sources of a name, in order (force one with `source=`):
-  1. d4rl:   a D4RL HDF5 file, $D4RL_DATASET_DIR or ~/.d4rl/datasets/<env>_<kind>-v2.hdf5
-  2. minari: mujoco/<env>/<kind>-v0 under $MINARI_DATASETS_PATH or ~/.minari/datasets
-  3. recipe: this project's own D4RL-recipe dataset (NOT the D4RL dataset), built from the
-             behaviour policies in recipe/ into $OFFRL_DATA_DIR (default ~/.cache/offrl)
+`data`: float32 arrays observations, actions, rewards, next_observations, terminals (no bootstrap) and timeouts
+(bootstrap). `info`: where the data came from (`source`, `source_kind`), the env to evaluate in, the D4RL reference
+returns and the episode ends. Recipe data is this project's own D4RL-recipe dataset, NOT the D4RL one (recipe/).
+The harness (Prep, Run, cli, checkpoints) is what every algorithm's `main` is made of; README.md lists the API.
 """
 
 from __future__ import annotations
@@ -43,12 +37,8 @@ KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-r
 SOURCES = ("auto", "d4rl", "minari", "recipe")
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 # D4RL reference returns (random and expert policy), from D4RL's infos.py; score = 100 (R - min) / (max - min)
-REF_RETURNS = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
+REF_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3),
+               "ant": (-325.6, 3879.7)}
 
 
 class RunError(ValueError):
@@ -73,22 +63,11 @@ def parse_name(name: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def d4rl_path(env: str, kind: str) -> Path:
-    root = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets"))
-    return root / f"{env}_{kind.replace('-', '_')}-v2.hdf5"
-
-
-def _minari_root() -> Path:
-    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-
-
-def minari_path(env: str, kind: str) -> Path:
-    return _minari_root() / "mujoco" / env / f"{kind}-v0"
-
-
-def recipe_path(env: str, kind: str) -> Path:
-    root = Path(os.environ.get("OFFRL_DATA_DIR", Path.home() / ".cache" / "offrl"))
-    return root / f"{env}-{kind}-recipe.hdf5"
+_root = lambda var, default: Path(os.environ.get(var, Path.home() / default))
+d4rl_path = lambda env, kind: _root("D4RL_DATASET_DIR", ".d4rl/datasets") / f"{env}_{kind.replace('-', '_')}-v2.hdf5"
+_minari_root = lambda: _root("MINARI_DATASETS_PATH", ".minari/datasets")
+minari_path = lambda env, kind: _minari_root() / "mujoco" / env / f"{kind}-v0"
+recipe_path = lambda env, kind: _root("OFFRL_DATA_DIR", ".cache/offrl") / f"{env}-{kind}-recipe.hdf5"
 
 
 # ---- Readers ----
@@ -170,9 +149,49 @@ def read_minari(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
 
 
 # ---- load_dataset ----
+def _read(path: Path, info: dict, kind: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read a Minari folder or a D4RL-layout file into `info`'s source; the env it records, unless one was given."""
+    if path.is_dir():
+        data, ends, meta = read_minari(path)
+        info.update(source=f"minari:{path}", source_kind="minari")
+        if info["eval_env"] is None and meta.get("env_spec"):  # evaluate in the env the data was recorded in
+            info.update(eval_env_spec=meta["env_spec"], eval_env=json.loads(meta["env_spec"])["id"])
+        return data, ends
+    data, ends = read_d4rl_hdf5(path)
+    info.update(source=f"{kind}:{path}", source_kind=kind)
+    with h5py.File(path, "r") as f:
+        if info["eval_env"] is None and "metadata/env_id" in f:
+            info["eval_env"] = f["metadata/env_id"][()].decode()
+        if "metadata/source" in f:  # files written by recipe/ say so, and record the sha256 of their arrays
+            sha = f["metadata/sha256"][()].decode() if "metadata/sha256" in f else None
+            info.update(source=f"recipe:{path}", source_kind="recipe", dataset_sha256=sha)
+    return data, ends
+
+
+def _recipe_file(env_name: str, kind: str, build: bool, tried: list[str]) -> Path | None:
+    """The cached recipe dataset; built (or rebuilt when stale) from recipe/'s shipped behaviour policies."""
+    p = recipe_path(env_name, kind)
+    tried.append(f"recipe: {p}")
+    try:
+        from recipe import build as builder
+    except ImportError:
+        tried.append("recipe: the recipe package is not importable")
+        return p if p.exists() else None
+    if not builder.available(env_name, kind):
+        tried.append(f"recipe: no shipped behaviour policy for {env_name}-{kind} ({builder.POLICY_DIR}), so it cannot be built")
+        return p if p.exists() else None
+    stale = p.exists() and builder.is_stale(p, env_name, kind)
+    if stale:
+        print(f"{p} was built from other behaviour policies than recipe/ ships now: "
+              + ("rebuilding it" if build else "loading it anyway (build=False)"))
+    if build and (stale or not p.exists()):
+        p = builder.build_dataset(f"{env_name}-{kind}", p)
+    return p if p.exists() else None
+
+
 def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None = None,
                  build: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Load a dataset by name (see module doc) or path. Returns (data, info).
+    """Load a dataset by name (see module doc), path or Minari id. Returns (data, info).
 
     source: "auto" tries d4rl, minari, recipe in order; any other value forces that one.
     eval_env: gymnasium id to evaluate in; required for a path unless the file records one.
@@ -187,68 +206,34 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
         if not path.exists():
             raise DatasetError(f"Minari dataset {name_or_path!r} is not installed under {_minari_root()} "
                                f"($MINARI_DATASETS_PATH): `minari download {name_or_path}` fetches it (needs internet)")
-    looks_like_path = path.suffix != "" or os.sep in name_or_path or path.exists()
-    if looks_like_path:
+    if path.suffix != "" or os.sep in name_or_path or path.exists():
         if not path.exists():
             raise DatasetError(f"dataset path {path} does not exist")
         if path.is_file() and path.suffix not in (".hdf5", ".h5") and not h5py.is_hdf5(path):
             raise DatasetError(f"{path}: unsupported dataset format {path.suffix!r}; supported are D4RL-layout HDF5 "
                                "files (.hdf5/.h5) and Minari dataset folders")
-        if path.is_dir():
-            data, ends, meta = read_minari(path)
-            info.update(source=f"minari:{path}", source_kind="minari")
-            if eval_env is None and meta.get("env_spec"):
-                info["eval_env_spec"] = meta["env_spec"]
-                info["eval_env"] = json.loads(meta["env_spec"])["id"]
-        else:
-            data, ends = read_d4rl_hdf5(path)
-            info.update(source=f"file:{path}", source_kind="file")
-            with h5py.File(path, "r") as f:
-                if eval_env is None and "metadata/env_id" in f:
-                    info["eval_env"] = f["metadata/env_id"][()].decode()
-                if "metadata/source" in f:  # files written by recipe/ say so
-                    info.update(source=f"recipe:{path}", source_kind="recipe", dataset_sha256=_recipe_sha256(path))
+        data, ends = _read(path, info, "file")
         if info["eval_env"] is None:
             raise DatasetError(f"{path}: the file does not record its env; pass a gymnasium id with --eval-env")
         info["dataset"] = str(path)
         env_name = next((e for e, gid in ENVS.items() if info["eval_env"] == gid), None)
     else:
         env_name, kind = parse_name(name_or_path)
-        info["eval_env"] = eval_env or ENVS[env_name]
-        tried = []
-        data = None
-        if source in ("auto", "d4rl"):
-            p = d4rl_path(env_name, kind)
-            tried.append(f"d4rl: {p}")
-            if p.exists():
-                data, ends = read_d4rl_hdf5(p)
-                info.update(source=f"d4rl:{p}", source_kind="d4rl")
-        if data is None and source in ("auto", "minari"):
-            p = minari_path(env_name, kind)
-            tried.append(f"minari: {p}")
-            if p.exists():
-                data, ends, meta = read_minari(p)
-                info.update(source=f"minari:{p}", source_kind="minari")
-                if eval_env is None and meta.get("env_spec"):  # evaluate in the env the data was recorded in
-                    info["eval_env_spec"] = meta["env_spec"]
-                    info["eval_env"] = json.loads(meta["env_spec"])["id"]
-        if data is None and source in ("auto", "recipe"):
-            p = recipe_path(env_name, kind)
-            tried.append(f"recipe: {p}")
-            stale = p.exists() and _recipe_is_stale(env_name, kind, p)
-            if stale:
-                print(f"{p} was built from other behaviour policies than recipe/ ships now: "
-                      + ("rebuilding it" if build else "loading it anyway (build=False)"))
-            if build and (stale or not p.exists()):
-                p = _build_recipe(env_name, kind, p, tried)
-            if p is not None and p.exists():
-                data, ends = read_d4rl_hdf5(p)
-                info.update(source=f"recipe:{p}", source_kind="recipe", dataset_sha256=_recipe_sha256(p))
+        tried, data = [], None
+        for src, find in (("d4rl", lambda: d4rl_path(env_name, kind)), ("minari", lambda: minari_path(env_name, kind)),
+                          ("recipe", lambda: _recipe_file(env_name, kind, build, tried))):
+            if data is None and source in ("auto", src):
+                p = find()
+                if src != "recipe":
+                    tried.append(f"{src}: {p}")
+                if p is not None and p.exists():
+                    data, ends = _read(p, info, src)
         if data is None:
             raise DatasetError(
                 f"dataset {env_name}-{kind} not found. Looked in:\n  " + "\n  ".join(tried) +
                 "\nTo get one: put the D4RL file there (set $D4RL_DATASET_DIR), or a Minari dataset "
                 "($MINARI_DATASETS_PATH), or build the recipe dataset: python -m recipe build " + f"{env_name}-{kind}")
+        info["eval_env"] = info["eval_env"] or ENVS[env_name]
         # the name says where the data came from: only D4RL's own files are called -v2
         info["dataset"] = f"{env_name}-{kind}-" + ("v2" if info["source_kind"] == "d4rl" else info["source_kind"])
         info["task"] = f"{env_name}-{kind}"  # the same for every source: keys per-dataset presets
@@ -259,34 +244,6 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
     info["episode_ends"] = ends
     info["obs_dim"], info["act_dim"] = data["observations"].shape[1], data["actions"].shape[1]
     return data, info
-
-
-def _recipe_sha256(path: Path) -> str | None:
-    """The sha256 of a recipe file's arrays, as the builder recorded it (results carry it)."""
-    with h5py.File(path, "r") as f:
-        return f["metadata/sha256"][()].decode() if "metadata/sha256" in f else None
-
-
-def _recipe_is_stale(env_name: str, kind: str, path: Path) -> bool:
-    """A cached recipe file built from older shipped policies (or by an older builder) is stale."""
-    try:
-        from recipe import build
-    except ImportError:
-        return False
-    return build.available(env_name, kind) and build.is_stale(path, env_name, kind)
-
-
-def _build_recipe(env_name: str, kind: str, path: Path, tried: list[str]) -> Path | None:
-    """Build the recipe dataset on first use, if recipe/ ships a behaviour policy for it."""
-    try:
-        from recipe import build
-    except ImportError:
-        tried.append("recipe: the recipe package is not importable")
-        return None
-    if not build.available(env_name, kind):
-        tried.append(f"recipe: no shipped behaviour policy for {env_name}-{kind} ({build.POLICY_DIR})")
-        return None
-    return build.build_dataset(f"{env_name}-{kind}", path)
 
 
 def episode_returns(data: dict[str, np.ndarray], info: dict) -> np.ndarray:
@@ -347,12 +304,12 @@ def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarra
     return returns
 
 
-
 # ---- The run harness: data preparation, evaluation, the run record, checkpoints ----
 RESULT_KEYS = ("algorithm", "dataset", "source", "source_kind", "dataset_sha256", "eval_env", "num_updates", "seeds",
                "last_return", "best_return", "last_normalized", "best_normalized", "per_seed", "interrupted",
                "wall_time_s", "updates_per_s", "compile_time_s", "config", "hyperparameters", "eval_history")
-SECONDS_PER_CALL = 5.0  # target length of one device call: a progress line, and Ctrl-C handled, every few seconds
+SCORES = ("last_return", "best_return", "last_normalized", "best_normalized")
+SECONDS_PER_CALL = 5.0  # target length of one device call: progress, and Ctrl-C, every few seconds
 
 
 @dataclasses.dataclass
@@ -365,14 +322,14 @@ class Prep:
     act_high: np.ndarray
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, np.asarray(getattr(self, f.name), np.float32))
+        for k, v in vars(self).items():
+            setattr(self, k, np.asarray(v, np.float32))
 
     @classmethod
     def fit(cls, data: dict[str, np.ndarray], action_space: gym.spaces.Box, normalize_states: bool) -> Prep:
         d = data["observations"].shape[1]
-        mean, std = state_stats(data["observations"]) if normalize_states else (np.zeros(d), np.ones(d))
-        return cls(mean, std, action_space.low, action_space.high)
+        return cls(*(state_stats(data["observations"]) if normalize_states else (np.zeros(d), np.ones(d))),
+                   action_space.low, action_space.high)
 
     obs_dim = property(lambda self: len(self.obs_mean))
     act_dim = property(lambda self: len(self.act_low))
@@ -396,22 +353,18 @@ def policy_act(prep: Prep, action_fn: Callable[[jax.Array], jax.Array]) -> Calla
     return lambda obs: prep.to_env(np.asarray(f(jnp.asarray(obs, jnp.float32))))
 
 
-def evaluate_policy(env: gym.vector.VectorEnv, policy: Callable, params, info: dict, prep: Prep,
-                    num_seeds: int) -> tuple[np.ndarray, np.ndarray | None]:
+def evaluate_policy(env, policy: Callable, params, info: dict, prep: Prep, num_seeds: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean return [S] and normalized score [S] of each seed; policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1]."""
-    def act_fn(obs: np.ndarray) -> np.ndarray:
-        a = policy(params, jnp.asarray(obs, jnp.float32).reshape(num_seeds, -1, obs.shape[-1]))
-        return prep.to_env(np.asarray(a).reshape(len(obs), -1))
+    act_fn = lambda o: prep.to_env(np.asarray(policy(params, jnp.asarray(o).reshape(num_seeds, -1, o.shape[-1]))).reshape(len(o), -1))
     returns = evaluate(env, act_fn).reshape(num_seeds, -1)
     norm = normalized_score(info, returns)
     return returns.mean(1), None if norm is None else np.asarray(norm).mean(1)
 
 
-def save_checkpoint(path: str | Path, states, step: int, meta: dict) -> None:
+def save_checkpoint(path: Path, states, step: int, meta: dict) -> None:
     """Atomic write of the train state, the update count and `meta` (config, Prep, dataset, log folder, evaluations)."""
-    blob = flax.serialization.msgpack_serialize(
-        {"state": flax.serialization.to_state_dict(states), "step": step, "meta": json.dumps(meta)})
-    Path(f"{path}.tmp").write_bytes(blob)
+    state = flax.serialization.to_state_dict(states)
+    Path(f"{path}.tmp").write_bytes(flax.serialization.msgpack_serialize({"state": state, "step": step, "meta": json.dumps(meta)}))
     os.replace(f"{path}.tmp", path)
 
 
@@ -428,26 +381,14 @@ def read_checkpoint(path: str, algorithm: str | None = None) -> dict:
     return raw
 
 
-def restore_state(template, raw_state: dict, path: str):
-    """The checkpoint's arrays in the structure of `template` (fresh buffers, so they can be donated)."""
-    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(raw_state), strict=False):
-        if np.shape(a) != np.shape(b):
-            raise RunError(f"checkpoint {path} does not match this configuration (array shape {np.shape(b)} vs {np.shape(a)})")
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), flax.serialization.from_state_dict(template, raw_state))
-
-
 def debug_nan_at() -> int:
     """Testing aid, not a flag: $OFFRL_DEBUG_NAN_AT=N puts a NaN into a loss at update N to exercise the NaN guard."""
     return int(os.environ.get("OFFRL_DEBUG_NAN_AT", "-1"))
 
 
-def _hms(s: float) -> str:
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
 class Run:
-    """One run's record: the eval env and Prep, log folder, TensorBoard, evals.csv, last/best, progress lines,
-    checkpoints (resumed in the same folder) and result.json. Ctrl-C stops it after the current device call."""
+    """One run's record: eval env and Prep, log folder, TensorBoard, evals.csv, last/best, progress, checkpoints
+    (--load resumes in the same folder, with the same schedule) and result.json. Ctrl-C stops after the device call."""
 
     def __init__(self, algorithm: str, args, info: dict, data: dict[str, np.ndarray], hyperparameters: dict | None = None):
         for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes"):
@@ -455,33 +396,30 @@ class Run:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 1")
         if args.num_updates < 0 or (args.num_updates == 0 and not args.load):
             raise RunError("--num-updates must be > 0 (or 0 with --load CHECKPOINT, to evaluate it)")
-        self.algorithm, self.args, self.info, self.hp, self.t_start = algorithm, args, info, hyperparameters or {}, time.time()
+        self.algorithm, self.args, self.info, self.hp, self.t0 = algorithm, args, info, hyperparameters or {}, time.time()
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         self.env = make_eval_env(info, num_envs=args.num_seeds * args.eval_episodes, seed=args.seed)
-        ckpt = read_checkpoint(args.load, algorithm) if args.load else None
-        meta = ckpt["meta"] if ckpt else {}
-        sha = meta.get("dataset", {}).get("dataset_sha256")
-        if ckpt and sha and sha != info.get("dataset_sha256"):
-            print(f"[{algorithm}] warning: {args.load} was trained on data with sha256 {sha[:12]}, "
-                  f"this {info['dataset']} has {str(info.get('dataset_sha256'))[:12]}")
-        self.prep = Prep(**meta["prep"]) if ckpt else Prep.fit(data, self.env.single_action_space, args.normalize_states)
-        self.schedule_args = dataclasses.replace(args, num_updates=meta["schedule_updates"]) if ckpt else args
-        tag = Path(str(info["dataset"])).stem if args.dataset else str(info["dataset"])
+        meta = read_checkpoint(args.load, algorithm)["meta"] if args.load else {}
+        if meta and meta["dataset"].get("dataset_sha256") not in (None, info.get("dataset_sha256")):
+            print(f"[{algorithm}] warning: {args.load} was trained on other data than this {info['dataset']} (sha256 differs)")
+        self.prep = Prep(**meta["prep"]) if meta else Prep.fit(data, self.env.single_action_space, args.normalize_states)
+        self.schedule_args = dataclasses.replace(args, num_updates=meta["schedule_updates"]) if meta else args
+        tag = Path(str(info["dataset"])).stem if args.dataset else info["dataset"]
         self.log_dir = Path(args.log_dir or meta.get("log_dir") or f"runs/{algorithm}/{tag}/{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.save_path = Path(args.save_path or self.log_dir / "checkpoint.msgpack")
         self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        self.history = meta["history"] if ckpt and Path(meta["log_dir"]) == self.log_dir else []  # one curve per folder
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.history = meta["history"] if meta and Path(meta["log_dir"]) == self.log_dir else []  # one curve per folder
         self.csv = self.log_dir / "evals.csv"
-        self.csv.write_text("update,seed,return,normalized\n" + "".join(  # rewritten from the checkpoint's evaluations
-            f"{h['update']},{s},{r},{'' if h['normalized'] is None else h['normalized'][i]}\n"
-            for h in self.history for i, (s, r) in enumerate(zip(self.seeds, h["returns"], strict=True))))
+        self.csv.write_text("update,seed,return,normalized\n")  # rewritten from the checkpoint's evaluations
+        for h in self.history:
+            self._csv_rows(h["update"], h["returns"], h["normalized"])
         self.writer = Writer(str(self.log_dir))
-        self.step = self.saved_step = ckpt["step"] if ckpt else 0
+        self.step = self.saved_step = read_checkpoint(args.load)["step"] if meta else 0
         self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = None, {}, 0.0, 0.0, 0
         self.evaluated, self.stop, self.eval_time, self.last_line = False, False, 0.0, time.time()
         signal.signal(signal.SIGINT, self._on_sigint)
-        label = " -- recipe data, not D4RL" if info["source_kind"] == "recipe" else ""
+        label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
         print(f"[{algorithm}] {info['dataset']} ({info['source']}{label}) -> {info['eval_env']}; seeds {self.seeds}; "
               f"{self.hp or ''} logs in {self.log_dir}", flush=True)
 
@@ -491,11 +429,15 @@ class Run:
         print(f"\n[{self.algorithm}] Ctrl-C: stopping after this device call (again to abort)", flush=True)
 
     def restore(self, template):
-        """The freshly initialized train states, or the checkpoint's (--load)."""
-        if not self.args.load:
-            return jax.tree.map(lambda x: jnp.array(x, copy=True), template)  # distinct buffers (they get donated)
-        print(f"[{self.algorithm}] restored {self.args.load} at update {self.step}", flush=True)
-        return restore_state(template, read_checkpoint(self.args.load)["state"], self.args.load)
+        """The freshly initialized train states, or the checkpoint's (--load); fresh buffers, as they get donated."""
+        if self.args.load:
+            raw = read_checkpoint(self.args.load)["state"]
+            for a, b in zip(jax.tree.leaves(flax.serialization.to_state_dict(template)), jax.tree.leaves(raw), strict=False):
+                if np.shape(a) != np.shape(b):
+                    raise RunError(f"{self.args.load} does not match this configuration (array shape {np.shape(b)} vs {np.shape(a)})")
+            template = flax.serialization.from_state_dict(template, raw)
+            print(f"[{self.algorithm}] restored {self.args.load} at update {self.step}", flush=True)
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), template)
 
     def chunks(self) -> Iterator[int]:
         """Lengths of the device calls: ~SECONDS_PER_CALL each, ending at every evaluation, until done or Ctrl-C."""
@@ -508,7 +450,7 @@ class Run:
         return self.step % self.args.eval_interval == 0 or self.step == self.args.num_updates
 
     def train(self, train_chunk: Callable, states, data: dict, n: int, *extra):
-        """One device call of n updates; stops on a non-finite loss (naming the update) and logs train/ metrics."""
+        """One device call of n updates; stops on a non-finite loss (naming the update); logs train/ metrics."""
         step0 = jnp.asarray(self.step, jnp.int32)
         if n not in self.compiled:  # AOT compile, timed apart from training throughput
             t0 = time.perf_counter()
@@ -521,61 +463,57 @@ class Run:
         self.train_time, self.trained = self.train_time + dt, self.trained + n
         for k, m in means.items():
             if not np.all(np.isfinite(m)):
-                where = f"update {self.step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
                 self.writer.close()
+                where = f"update {self.step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
                 raise RunError(f"non-finite {k} at {where} (updates {self.step + 1}-{self.step + n}); stopped, "
                                f"the last good checkpoint {self.save_path} is kept")
         self.step += n
         for k, m in means.items():
             self.writer.add_scalar(f"train/{k}", float(np.mean(m)), self.step)
         if self.chunk is None:  # the first call measures the speed; later calls take ~SECONDS_PER_CALL
-            best = n / dt * SECONDS_PER_CALL
-            self.chunk = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= best] or [1])
+            self.chunk = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= n / dt * SECONDS_PER_CALL] or [1])
         if time.time() - self.last_line >= 10 and not self.eval_due:
             print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._speed()}", flush=True)
             self.last_line = time.time()
         return states
 
     def _speed(self) -> str:
-        ups = self.trained / max(self.train_time, 1e-9)
-        evals_left = (self.args.num_updates - self.step) // self.args.eval_interval
-        return f"{ups:.0f} upd/s | ETA {_hms((self.args.num_updates - self.step) / ups + evals_left * self.eval_time)}"
+        ups, left = self.trained / max(self.train_time, 1e-9), self.args.num_updates - self.step
+        eta = left / ups + left // self.args.eval_interval * self.eval_time
+        return f"{ups:.0f} upd/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
 
     def scores(self) -> dict:
         """Per-seed last and best return and normalized score over this folder's evaluations (None before any)."""
-        if not self.history:
-            return dict.fromkeys(("last_return", "best_return", "last_normalized", "best_normalized"))
         r, n = np.array([h["returns"] for h in self.history]), [h["normalized"] for h in self.history]
-        n = None if n[-1] is None else np.array(n)
-        return {"last_return": r[-1], "best_return": r.max(0), "last_normalized": None if n is None else n[-1],
-                "best_normalized": None if n is None else n.max(0)}
+        n = np.array(n) if self.history and n[-1] is not None else None
+        return dict(zip(SCORES, (None, None) if not self.history else (r[-1], r.max(0)), strict=False)) | dict(
+            zip(SCORES[2:], (None, None) if n is None else (n[-1], n.max(0)), strict=True))
+
+    def _csv_rows(self, step: int, ret, norm) -> None:
+        with open(self.csv, "a") as f:
+            f.writelines(f"{step},{s},{ret[i]},{'' if norm is None else norm[i]}\n" for i, s in enumerate(self.seeds))
 
     def evaluate(self, policy: Callable, params) -> None:
         t0 = time.perf_counter()
         ret, norm = evaluate_policy(self.env, policy, params, self.info, self.prep, len(self.seeds))
         self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
-        self.evaluated, sc = True, self.scores()
-        with open(self.csv, "a") as f:
-            f.writelines(f"{self.step},{s},{ret[i]},{'' if norm is None else norm[i]}\n" for i, s in enumerate(self.seeds))
+        self.evaluated = True
+        self._csv_rows(self.step, ret, norm)
         for name, x in (("return", ret), ("normalized", norm)):
-            for i in range(len(self.seeds) if x is not None else 0):
-                self.writer.add_scalar(f"eval/{name}/seed{i}", float(x[i]), self.step)
-            if x is not None:
-                self.writer.add_scalar(f"eval/{name}", float(x.mean()), self.step)
+            for i, v in enumerate([] if x is None else [x.mean(), *x]):
+                self.writer.add_scalar(f"eval/{name}" + (f"/seed{i - 1}" if i else ""), float(v), self.step)
         self.writer.flush()
         self.eval_time = time.perf_counter() - t0
-        print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._scores_text(sc)} | "
+        print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._text(self.scores())} | "
               f"eval {self.eval_time:.1f}s" + (f" | {self._speed()}" if self.trained else ""), flush=True)
         self.last_line = time.time()
 
-    def _scores_text(self, sc: dict, i: int | None = None) -> str:
-        pick = (lambda x: x.mean()) if i is None else (lambda x: x[i])
-        pm = lambda x: f" ± {x.std():.1f}" if i is None and len(x) > 1 else ""
-        text = f"return {pick(sc['last_return']):.1f}{pm(sc['last_return'])} (best {pick(sc['best_return']):.1f})"
-        if sc["last_normalized"] is not None:
-            label = "recipe-normalized" if self.info["source_kind"] == "recipe" else "normalized"
-            text += f" | {label} {pick(sc['last_normalized']):.1f}{pm(sc['last_normalized'])} (best {pick(sc['best_normalized']):.1f})"
-        return text
+    def _text(self, sc: dict, i: int | None = None) -> str:
+        """'return R ± sd (best B) | normalized N ± sd (best M)': the mean over seeds (i=None) or seed i; no ± for one."""
+        f = lambda k: f"{sc[k].mean() if i is None else sc[k][i]:.1f}" + (f" ± {sc[k].std():.1f}" if i is None and len(self.seeds) > 1 and "last" in k else "")
+        label = "recipe-normalized" if self.info["source_kind"] == "recipe" else "normalized"
+        return f"return {f('last_return')} (best {f('best_return')})" + (
+            "" if sc["last_normalized"] is None else f" | {label} {f('last_normalized')} (best {f('best_normalized')})")
 
     def save(self, states) -> None:
         keys = ("dataset", "task", "source", "source_kind", "dataset_sha256", "eval_env")
@@ -593,34 +531,31 @@ class Run:
             self.save(states)
         self.writer.close()
         sc, f = self.scores(), lambda x, i=None: None if x is None else float(x.mean() if i is None else x[i])
-        result = {"algorithm": self.algorithm, **{k: self.info.get(k) for k in ("dataset", "source", "source_kind", "dataset_sha256", "eval_env")},
-                  "num_updates": self.step, "seeds": self.seeds, **{k: f(v) for k, v in sc.items()},
+        result = {"algorithm": self.algorithm, **{k: self.info.get(k) for k in RESULT_KEYS[1:6]}, "num_updates": self.step,
+                  "seeds": self.seeds, **{k: f(v) for k, v in sc.items()},
                   "per_seed": [{"seed": s, **{k: f(v, i) for k, v in sc.items()}} for i, s in enumerate(self.seeds)],
-                  "interrupted": self.stop, "wall_time_s": time.time() - self.t_start,
-                  "updates_per_s": self.trained / self.train_time if self.train_time > 0 else None,
-                  "compile_time_s": self.compile_time, "config": dataclasses.asdict(self.args), "hyperparameters": self.hp,
-                  "eval_history": self.history, **extra}
+                  "interrupted": self.stop, "wall_time_s": time.time() - self.t0,
+                  "updates_per_s": self.trained / self.train_time if self.train_time > 0 else None, "compile_time_s": self.compile_time,
+                  "config": dataclasses.asdict(self.args), "hyperparameters": self.hp, "eval_history": self.history, **extra}
         Path(f"{self.log_dir}/result.json.tmp").write_text(json.dumps(result, indent=2))
         os.replace(f"{self.log_dir}/result.json.tmp", self.log_dir / "result.json")
-        done = "interrupted" if self.stop else "done"
-        print(f"[{self.algorithm}] {done} after {self.step} updates" + (f": {self._scores_text(sc)}" if self.history else "")
-              + f"; result in {self.log_dir}", flush=True)
+        print(f"[{self.algorithm}] {'interrupted' if self.stop else 'done'} after {self.step} updates"
+              + (f": {self._text(sc)}" if self.history else "") + f"; result in {self.log_dir}", flush=True)
         for i, s in enumerate(self.seeds if len(self.seeds) > 1 and self.history else []):
-            print(f"[{self.algorithm}]   seed {s}: {self._scores_text(sc, i)}")
+            print(f"[{self.algorithm}]   seed {s}: {self._text(sc, i)}")
         if self.stop:
             print(f"[{self.algorithm}] resume with: python {sys.argv[0]} --load {self.save_path}")
         return result
 
 
 def cli(args_cls: type, main: Callable) -> None:
-    """An algorithm file's command line: flags (their defaults from the checkpoint of --load), and one-line errors."""
+    """An algorithm file's command line: flags (defaults from the checkpoint of --load, if given), one-line errors."""
     argv = sys.argv[1:]
     try:
         load = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
                      if a.split("=")[0] == "--load" and ("=" in a or i + 1 < len(argv))), None)
-        config = read_checkpoint(load)["meta"]["config"] if load else None
-        default = args_cls(**{k: v for k, v in config.items() if k in args_cls.__dataclass_fields__}) if load else None
-        main(tyro.cli(args_cls, default=default))
+        config = read_checkpoint(load)["meta"]["config"] if load else {}
+        main(tyro.cli(args_cls, default=args_cls(**{k: v for k, v in config.items() if k in args_cls.__dataclass_fields__}) if load else None))
     except RunError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -1,7 +1,9 @@
-"""Shared fixtures for the algorithm tests: small Pendulum-v1 datasets in D4RL HDF5 layout."""
+"""Shared test helpers: the one writer of D4RL-layout files, the one script loader, small datasets, RESULT_KEYS."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,54 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
 ALGORITHMS = ["bc", "td3bc", "iql", "cql", "awac"]
+RESULT_KEYS = set(common.RESULT_KEYS)  # the keys every script writes into result.json
+
+
+def write_d4rl(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, str] | None = None) -> Path:
+    """Write arrays (as given: dtypes kept) in D4RL's HDF5 layout; attrs become metadata/<key> strings."""
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v)
+        for k, v in (attrs or {}).items():
+            f[f"metadata/{k}"] = v
+    return path
+
+
+def load_script(name: str):
+    """Import algorithms/<name>.py as a module (for unit tests of its functions)."""
+    spec = importlib.util.spec_from_file_location(f"algo_{name}", ROOT / "algorithms" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_dataset(path: Path, env_id: str = "Hopper-v4", n: int = 2000, max_steps: int = 100, seed: int = 0,
+                   attrs: dict[str, str] | None = None) -> Path:
+    """n uniformly random transitions of env_id, episodes cut at max_steps by timeouts."""
+    env = gym.make(env_id)
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    buf: dict[str, list] = {k: [] for k in common.KEYS}
+    obs, _ = env.reset(seed=seed)
+    t = ep = 0
+    while len(buf["rewards"]) < n:
+        a = rng.uniform(low, high).astype(np.float32)
+        nobs, r, term, trunc, _ = env.step(a)
+        t += 1
+        trunc = (trunc or t >= max_steps) and not term
+        for k, v in zip(common.KEYS, (obs, a, r, nobs, term, trunc), strict=True):
+            buf[k].append(v)
+        obs = nobs
+        if term or trunc:
+            ep += 1
+            obs, _ = env.reset(seed=seed + ep)
+            t = 0
+    return write_d4rl(path, {k: np.asarray(v, np.float32) for k, v in buf.items()}, attrs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,10 +105,7 @@ def make_pendulum_dataset(path: Path, random_episodes: int, expert_episodes: int
             buf["terminals"].append(float(term))
             buf["timeouts"].append(float(trunc or t == 199))
             obs = next_obs
-    with h5py.File(path, "w") as f:
-        for k, v in buf.items():
-            f.create_dataset(k, data=np.asarray(v, np.float32))
-    return path
+    return write_d4rl(path, {k: np.asarray(v, np.float32) for k, v in buf.items()})
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +114,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pendulum_dataset(tmp_path_factory.mktemp("data") / "pendulum_tiny.hdf5", 8, 2)
 
 
-def run_script(algo: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(algo: str, *args, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run algorithms/<algo>.py in a subprocess (env: extra environment variables)."""
     return subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})

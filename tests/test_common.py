@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import write_d4rl as write_arrays
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -33,11 +34,7 @@ def write_d4rl(path: Path, episodes: list[tuple[int, str]], obs_dim: int = 11, a
             rows["timeouts"].append(last and end == "timeout")
     arrays = {k: np.asarray(v) for k, v in rows.items()}
     arrays["rewards"] = arrays["rewards"].astype(dtype)
-    with h5py.File(path, "w") as f:
-        for k, v in arrays.items():
-            if k in drop or (k == "next_observations" and not next_obs):
-                continue
-            f.create_dataset(k, data=v)
+    write_arrays(path, {k: v for k, v in arrays.items() if k not in drop and (next_obs or k != "next_observations")})
     return arrays
 
 
@@ -159,12 +156,41 @@ def test_eval_env_and_evaluate(tmp_path):
 
 
 # ---- Error paths ----
-def test_unknown_name_lists_valid_ones():
-    with pytest.raises(common.DatasetError, match="hopper-medium-replay") as e:
+def test_unknown_name_says_did_you_mean():
+    with pytest.raises(common.DatasetError, match="did you mean 'hopper-medium'") as e:
         common.load_dataset("hoper-medium")
-    assert "halfcheetah-expert" in str(e.value)
-    with pytest.raises(common.DatasetError, match="unknown dataset name"):
+    assert "hopper/halfcheetah/walker2d/ant" in str(e.value) and "medium-replay" in str(e.value)
+    with pytest.raises(common.DatasetError, match="unknown dataset name 'hopper-mediocre' \\(did you mean"):
         common.load_dataset("hopper-mediocre")
+    with pytest.raises(common.DatasetError, match="unknown dataset name 'xyz'\\. Names are"):
+        common.load_dataset("xyz")
+
+
+def test_name_that_cannot_be_built_says_why(no_sources):
+    with pytest.raises(common.DatasetError, match="no shipped behaviour policy for ant-medium.*cannot be built"):
+        common.load_dataset("ant-medium")
+
+
+def test_unsupported_format_and_corrupt_hdf5(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(common.DatasetError, match=r"unsupported dataset format '\.csv'.*HDF5.*Minari"):
+        common.load_dataset(str(tmp_path / "x.csv"), eval_env="Hopper-v4")
+
+
+def test_minari_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(common.DatasetError, match="Minari dataset 'mujoco/hopper/simple-v0' is not installed.*minari download"):
+        common.load_dataset("mujoco/hopper/simple-v0")
+    (tmp_path / "mujoco" / "hopper" / "simple-v0").mkdir(parents=True)  # found through the id: read as a Minari folder
+    with pytest.raises(common.DatasetError, match="not a Minari dataset folder"):
+        common.load_dataset("mujoco/hopper/simple-v0")
+
+
+def test_file_records_its_env(tmp_path):
+    write_d4rl(tmp_path / "x.hdf5", [(5, "terminal")])
+    with h5py.File(tmp_path / "x.hdf5", "a") as f:
+        f["metadata/env_id"] = "Hopper-v4"
+    assert common.load_dataset(str(tmp_path / "x.hdf5"))[1]["eval_env"] == "Hopper-v4"
 
 
 def test_unknown_source():
