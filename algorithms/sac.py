@@ -10,9 +10,10 @@ action of every env. One env is the paper's setting; 8 envs keep a GPU busy.
     python algorithms/sac.py --env HalfCheetah-v4 --num-envs 8 --max-time-s 3600
 
 Every `snapshot_interval` steps the actor is evaluated (stochastic and deterministic) and
-saved as a small `.npz` in `<log_dir>/snapshots/`: the recipe picks its "medium" and
-"expert" behaviour policies from these. Every `checkpoint_interval` steps the whole
-train state and the replay buffer are written atomically, and `--load` resumes from them.
+saved as a small `.npz` in `<log_dir>/snapshots/`, in the layout of the shipped policies
+(recipe/build.py NumpyPolicy): the recipe picks its "medium" and "expert" behaviour policies
+from these. Every `checkpoint_interval` steps the whole train state and the replay buffer are
+written atomically, and `--load` resumes from them (checkpoints of the older network layout too).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.serialization
@@ -54,10 +55,14 @@ class Args:
     """Minibatch size (SAC paper, Table 1: 256)."""
     hidden_dim: int = 256
     """Width of the 2 hidden layers of actor and critics (SAC paper, Table 1: 256)."""
-    lr: float = 3e-4
-    """Adam learning rate of actor, critics and temperature (SAC paper, Table 1)."""
-    gamma: float = 0.99
-    """Discount factor (SAC paper, Table 1)."""
+    actor_lr: float = 3e-4
+    """Policy Adam learning rate (SAC paper, Table 1: 3e-4)."""
+    critic_lr: float = 3e-4
+    """Q-network Adam learning rate (SAC paper, Table 1: 3e-4)."""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of the temperature log(alpha) (SAC paper, Table 1: 3e-4)."""
+    discount: float = 0.99
+    """Discount gamma (SAC paper, Table 1: 0.99)."""
     tau: float = 0.005
     """Polyak factor of the target critics (SAC paper, Table 1)."""
     buffer_size: int = 1_000_000
@@ -77,47 +82,128 @@ class Args:
 
 
 # ---- Networks ----
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# The canonical tanh-Gaussian actor and twin critic of algorithms/cql.py, copied (one file per algorithm).
+# Snapshots keep the layout of the shipped behaviour policies (recipe/build.py NumpyPolicy: l0, l1, mean,
+# log_std): `export_actor` maps the params when a snapshot is written, and `upgrade_checkpoint` reads
+# checkpoints of the older layout (the networks before these, with that same layout) into this one.
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # fixed, not flags: NumpyPolicy clips the shipped policies with these
+NUM_LAYERS = 2  # hidden layers of actor and critics (SAC paper, Table 1); the shipped .npz layout has two
 
 
-class Actor(nn.Module):
-    """Tanh-squashed Gaussian policy: a = tanh(mu(s) + sigma(s) * eps)."""
-
-    act_dim: int
+class MLP(nn.Module):
     hidden_dim: int
+    num_layers: int
+    out_dim: int
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        h = nn.relu(nn.Dense(self.hidden_dim, name="l0")(obs))
-        h = nn.relu(nn.Dense(self.hidden_dim, name="l1")(h))
-        mean = nn.Dense(self.act_dim, name="mean")(h)
-        log_std = jnp.clip(nn.Dense(self.act_dim, name="log_std")(h), LOG_STD_MIN, LOG_STD_MAX)
-        return mean, log_std
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for _ in range(self.num_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
 
 
 class DoubleCritic(nn.Module):
-    """Two Q-networks (clipped double Q, SAC paper Sec. 5)."""
+    """Twin Q_theta(s, a) -> [2, *leading] for obs [*leading, obs], actions [*leading, act].
+
+    The min of the two is SAC's clipped double Q (SAC paper, Sec. 5).
+    """
 
     hidden_dim: int
+    num_layers: int
 
     @nn.compact
-    def __call__(self, obs: jax.Array, act: jax.Array) -> jax.Array:
-        x = jnp.concatenate([obs, act], -1)
-        qs = []
-        for i in range(2):
-            h = nn.relu(nn.Dense(self.hidden_dim, name=f"q{i}_l0")(x))
-            h = nn.relu(nn.Dense(self.hidden_dim, name=f"q{i}_l1")(h))
-            qs.append(nn.Dense(1, name=f"q{i}_out")(h)[..., 0])
-        return jnp.stack(qs)  # [2, batch]
+    def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        x = jnp.concatenate([obs, action], axis=-1)
+        ensemble = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=2,
+        )
+        return ensemble(self.hidden_dim, self.num_layers, 1)(x)[..., 0]
 
 
-def sample_action(mean: jax.Array, log_std: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reparameterized tanh-Gaussian sample and its log-density (SAC paper, Eq. 26)."""
-    std = jnp.exp(log_std)
-    u = mean + std * jax.random.normal(key, mean.shape)
-    logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
-    logp -= (2 * (jnp.log(2.0) - u - jax.nn.softplus(-2 * u))).sum(-1)  # log(1 - tanh(u)^2), stable
-    return jnp.tanh(u), logp
+class TanhGaussianActor(nn.Module):
+    """SAC policy: a = tanh(u), u ~ N(mu(s), sigma(s)^2); returns (mu, log_sigma), each [batch, act]."""
+
+    action_dim: int
+    hidden_dim: int
+    num_layers: int
+    log_std_min: float
+    log_std_max: float
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = MLP(self.hidden_dim, self.num_layers, 2 * self.action_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+def sample_tanh_gaussian(key: jax.Array, mean: jax.Array, log_std: jax.Array,
+                         num_samples: int) -> tuple[jax.Array, jax.Array]:
+    """num_samples reparameterized actions per state: ([batch, n, act], log-probs [batch, n]) (SAC paper, Eq. 26).
+
+    log pi(a|s) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2), with the stable form
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+    """
+    batch, act_dim = mean.shape
+    eps = jax.random.normal(key, (batch, num_samples, act_dim))
+    u = mean[:, None, :] + jnp.exp(log_std)[:, None, :] * eps
+    log_prob = jnp.sum(-0.5 * eps**2 - log_std[:, None, :] - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+    log_prob = log_prob - jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
+    return jnp.tanh(u), log_prob
+
+
+def export_actor(actor_params: dict) -> dict[str, np.ndarray]:
+    """The actor as the arrays of a shipped policy .npz: l0, l1, mean, log_std (recipe/build.py NumpyPolicy).
+
+    TanhGaussianActor's last Dense has 2 * act outputs, [mean | log_std]; the .npz has them as two layers.
+    """
+    p = actor_params["params"]["MLP_0"]
+    head = p["Dense_2"]
+    act = head["bias"].shape[-1] // 2
+    layers = {"l0": p["Dense_0"], "l1": p["Dense_1"], "mean": {k: v[..., :act] for k, v in head.items()},
+              "log_std": {k: v[..., act:] for k, v in head.items()}}
+    return {f"{name}/{k}": np.ascontiguousarray(v, np.float32)
+            for name, layer in sorted(layers.items()) for k, v in sorted(layer.items())}
+
+
+def upgrade_checkpoint(tree: Any) -> Any:
+    """A checkpoint state dict written with the older networks (actor l0/l1/mean/log_std, critics
+    q{i}_l0/q{i}_l1/q{i}_out) in the current layout; params and Adam moments alike, exactly. Others pass through."""
+    if not isinstance(tree, dict):
+        return tree
+    if set(tree) == {"l0", "l1", "mean", "log_std"}:
+        head = {k: np.concatenate([tree["mean"][k], tree["log_std"][k]], -1) for k in tree["mean"]}
+        return {"MLP_0": {"Dense_0": tree["l0"], "Dense_1": tree["l1"], "Dense_2": head}}
+    if "q0_l0" in tree:
+        return {"VmapMLP_0": {f"Dense_{j}": {k: np.stack([tree[f"q0_{n}"][k], tree[f"q1_{n}"][k]]) for k in tree[f"q0_{n}"]}
+                              for j, n in enumerate(("l0", "l1", "out"))}}
+    return {k: upgrade_checkpoint(v) for k, v in tree.items()}
+
+
+# ---- Losses ----
+def sac_target(reward: jax.Array, terminal: jax.Array, next_q: jax.Array, next_logp: jax.Array,
+               alpha: jax.Array, discount: float) -> jax.Array:
+    """Soft Bellman target r + gamma (1 - done) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
+    (SAC paper, Eq. 3 with the clipped double Q of Sec. 5)."""
+    return reward + discount * (1.0 - terminal) * (next_q - alpha * next_logp)
+
+
+def sac_actor_loss(log_prob: jax.Array, q_pi: jax.Array, alpha: jax.Array) -> jax.Array:
+    """SAC policy loss E[alpha log pi(a|s) - min_i Q_i(s, a)], a ~ pi(.|s) (SAC paper, Eq. 7)."""
+    return (alpha * log_prob - q_pi).mean()
+
+
+def temperature_loss(log_alpha: jax.Array, log_prob: jax.Array, target_entropy: float) -> jax.Array:
+    """SAC automatic entropy tuning, E[-alpha (log pi + target_entropy)] with log pi held constant (SAC paper,
+    Eq. 18), differentiated w.r.t. log(alpha): alpha grows while the entropy -log pi is below the target.
+
+    (cql.py's temperature_loss multiplies log(alpha) instead of alpha: same sign of the gradient, another scale.)
+    """
+    return -(jnp.exp(log_alpha) * jax.lax.stop_gradient(log_prob + target_entropy)).mean()
 
 
 # ---- Train state ----
@@ -133,8 +219,9 @@ class TrainState(NamedTuple):
 
 
 def make_agent(args: Args, obs_dim: int, act_dim: int):
-    actor, critic = Actor(act_dim, args.hidden_dim), DoubleCritic(args.hidden_dim)
-    opt = optax.adam(args.lr)
+    actor = TanhGaussianActor(act_dim, args.hidden_dim, NUM_LAYERS, LOG_STD_MIN, LOG_STD_MAX)
+    critic = DoubleCritic(args.hidden_dim, NUM_LAYERS)
+    actor_tx, critic_tx, alpha_tx = optax.adam(args.actor_lr), optax.adam(args.critic_lr), optax.adam(args.alpha_lr)
     target_entropy = -float(act_dim)  # SAC paper, Sec. 5: H_target = -dim(A)
 
     def init(key: jax.Array) -> TrainState:
@@ -142,16 +229,16 @@ def make_agent(args: Args, obs_dim: int, act_dim: int):
         o, a = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
         ap, cp = actor.init(k1, o), critic.init(k2, o, a)
         la = jnp.zeros(())
-        return TrainState(ap, cp, jax.tree.map(jnp.copy, cp), la, opt.init(ap), opt.init(cp), opt.init(la), k3)
+        return TrainState(ap, cp, jax.tree.map(jnp.copy, cp), la, actor_tx.init(ap), critic_tx.init(cp),
+                          alpha_tx.init(la), k3)
 
     def update(s: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key, k_next, k_pi = jax.random.split(s.key, 3)
         alpha = jnp.exp(s.log_alpha)
-        # Critic: soft Bellman target (SAC paper, Eq. 3 with the clipped double-Q of Sec. 5)
-        nm, nls = actor.apply(s.actor, batch["next_observations"])
-        na, nlogp = sample_action(nm, nls, k_next)
-        nq = critic.apply(s.critic_target, batch["next_observations"], na).min(0)
-        target = batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (nq - alpha * nlogp)
+        # Critic: soft Bellman target with the target critics
+        na, nlogp = sample_tanh_gaussian(k_next, *actor.apply(s.actor, batch["next_observations"]), 1)
+        nq = critic.apply(s.critic_target, batch["next_observations"], na[:, 0]).min(0)
+        target = sac_target(batch["rewards"], batch["terminals"], nq, nlogp[:, 0], alpha, args.discount)
         target = jax.lax.stop_gradient(target)
 
         def critic_loss(cp):
@@ -159,26 +246,22 @@ def make_agent(args: Args, obs_dim: int, act_dim: int):
             return ((q - target) ** 2).mean(1).sum(), q.mean()
 
         (closs, qmean), g = jax.value_and_grad(critic_loss, has_aux=True)(s.critic)
-        upd, critic_opt = opt.update(g, s.critic_opt)
+        upd, critic_opt = critic_tx.update(g, s.critic_opt)
         cp = optax.apply_updates(s.critic, upd)
 
-        # Actor: minimize E[alpha log pi(a|s) - min_i Q_i(s, a)] (SAC paper, Eq. 7)
+        # Actor, with the updated critics
         def actor_loss(ap):
-            m, ls = actor.apply(ap, batch["observations"])
-            a, logp = sample_action(m, ls, k_pi)
-            q = critic.apply(cp, batch["observations"], a).min(0)
-            return (alpha * logp - q).mean(), logp.mean()
+            a, logp = sample_tanh_gaussian(k_pi, *actor.apply(ap, batch["observations"]), 1)
+            q = critic.apply(cp, batch["observations"], a[:, 0]).min(0)
+            return sac_actor_loss(logp[:, 0], q, alpha), logp.mean()
 
         (aloss, logp), g = jax.value_and_grad(actor_loss, has_aux=True)(s.actor)
-        upd, actor_opt = opt.update(g, s.actor_opt)
+        upd, actor_opt = actor_tx.update(g, s.actor_opt)
         ap = optax.apply_updates(s.actor, upd)
 
-        # Temperature: minimize -alpha * (log pi + H_target) (SAC paper, Eq. 18)
-        def alpha_loss(la):
-            return -(jnp.exp(la) * jax.lax.stop_gradient(logp + target_entropy))
-
-        g = jax.grad(alpha_loss)(s.log_alpha)
-        upd, alpha_opt = opt.update(g, s.alpha_opt)
+        # Temperature, with the batch's mean log pi
+        g = jax.grad(temperature_loss)(s.log_alpha, logp, target_entropy)
+        upd, alpha_opt = alpha_tx.update(g, s.alpha_opt)
         la = optax.apply_updates(s.log_alpha, upd)
 
         tgt = optax.incremental_update(cp, s.critic_target, args.tau)
@@ -187,7 +270,10 @@ def make_agent(args: Args, obs_dim: int, act_dim: int):
 
     def act(actor_params: dict, obs: jax.Array, key: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         m, ls = actor.apply(actor_params, obs)
-        return (jnp.tanh(m), jnp.zeros(m.shape[0])) if deterministic else sample_action(m, ls, key)
+        if deterministic:
+            return jnp.tanh(m), jnp.zeros(m.shape[0])
+        a, logp = sample_tanh_gaussian(key, m, ls, 1)
+        return a[:, 0], logp[:, 0]
 
     def update_and_act(s: TrainState, batches: dict, obs: jax.Array) -> tuple[TrainState, dict, jax.Array, jax.Array]:
         """`len(batches)` updates in one device call, then a fresh action for every env."""
@@ -262,7 +348,7 @@ def main(args: Args) -> None:
     if args.load:
         with open(args.load, "rb") as f:
             blob = flax.serialization.msgpack_restore(f.read())
-        state = flax.serialization.from_state_dict(state, blob["state"])
+        state = flax.serialization.from_state_dict(state, upgrade_checkpoint(blob["state"]))
         step, ptr, episode = int(blob["step"]), int(blob["ptr"]), int(blob["episode"])
         with np.load(Path(args.load).with_suffix(".buffer.npz")) as z:
             for k in BUFFER_KEYS:
@@ -325,7 +411,7 @@ def main(args: Args) -> None:
             writer.add_scalar("eval/return_stochastic", stoch, step)
             writer.add_scalar("eval/return_deterministic", det, step)
             writer.add_scalar("train/steps_per_s", sps, step)
-            params = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(state.actor["params"]).items()}
+            params = export_actor(state.actor)  # the layout of the shipped policies
             snap = log_dir / "snapshots" / f"actor_{step:08d}.npz"
             atomic_write(snap, lambda f, p=params: np.savez(f, **p))
             with open(snapshots_file, "a") as f:

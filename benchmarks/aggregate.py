@@ -36,6 +36,9 @@ def load_runs(grid: Path) -> tuple[list[dict], list[str]]:
     runs, stale = [], []
     for f in sorted(grid.glob("*/*/result.json")):
         r = json.loads(f.read_text())
+        if r.get("interrupted"):  # a partial run (Ctrl-C): not at the grid's budget
+            print(f"left out {f.parent}: interrupted at update {r['num_updates']}; the grid's run.py command resumes it")
+            continue
         if data_changed(r):
             print(f"left out {f.parent}: its recipe dataset was rebuilt since; rerun it with benchmarks/run.py")
             stale.append(f"{r['algorithm']}/{r['dataset']}")

@@ -108,8 +108,11 @@ def main() -> None:
     for algo in a.algos:
         for ds in a.datasets:
             cell = grid_dir / algo / ds
-            if (cell / "result.json").exists():
-                if not data_changed(json.loads((cell / "result.json").read_text())):
+            result = json.loads((cell / "result.json").read_text()) if (cell / "result.json").exists() else None
+            if result and result.get("interrupted"):
+                print(f"resume {algo} {ds}: interrupted at update {result['num_updates']}")
+            elif result:
+                if not data_changed(result):
                     print(f"skip {algo} {ds}: done")
                     continue
                 print(f"rerun {algo} {ds}: its recipe dataset has been rebuilt since (the old run stays in git history)")

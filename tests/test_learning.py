@@ -30,7 +30,7 @@ RUNS = {
     # smaller batch and the paper's faster policy lr (1e-4, CQL paper App. F) keep it to about 1.5 minutes.
     # alpha = 5 is the CQL paper's Gym value (App. F); CORL's 10 learns too slowly for this short run.
     "cql": ["--num-updates", "16000", "--eval-interval", "8000", "--batch-size", "128", "--num-layers", "2",
-            "--cql-n-actions", "4", "--actor-lr", "1e-4", "--cql-alpha", "5"],
+            "--cql-num-actions", "4", "--actor-lr", "1e-4", "--cql-alpha", "5"],
 }
 
 

@@ -121,9 +121,9 @@ def test_cql_logsumexp_axes(cql):
         for b in range(batch):  # logsumexp over the 3n samples of one state and one critic only
             vals = np.concatenate([q_rand[i, b] - lp_rand, q_next[i, b] - lp_next[b], q_cur[i, b] - lp_cur[b]])
             assert float(out[i, b]) == pytest.approx(float(np.log(np.exp(vals).sum())), rel=1e-5)
-    # temperature: temp * logsumexp(x / temp)
+    # temperature T: T * logsumexp(x / T)
     out_t = cql.cql_logsumexp(*map(jnp.asarray, (q_rand, q_cur, q_next)), lp_rand, jnp.asarray(lp_cur),
-                              jnp.asarray(lp_next), temp=2.0)
+                              jnp.asarray(lp_next), temperature=2.0)
     vals = np.concatenate([q_rand[1, 2] - lp_rand, q_next[1, 2] - lp_next[2], q_cur[1, 2] - lp_cur[2]])
     assert float(out_t[1, 2]) == pytest.approx(2.0 * float(np.log(np.exp(vals / 2.0).sum())), rel=1e-5)
 
