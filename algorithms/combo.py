@@ -5,12 +5,16 @@ NeurIPS 2021. https://arxiv.org/abs/2102.08363
 
     python algorithms/combo.py --env hopper-medium-v2
     python algorithms/combo.py --dataset my_data.hdf5 --eval-env Hopper-v4 --num-seeds 4
-    python algorithms/combo.py --env hopper-medium-v2 --load-model runs/combo/.../dynamics.msgpack   # skip model training
-    python algorithms/combo.py --load runs/.../checkpoint.msgpack --load-model runs/.../dynamics.msgpack --num-updates 0
+    python algorithms/combo.py --env hopper-medium-v2 --model-load runs/combo/.../dynamics.msgpack  # skip model training
+    python algorithms/combo.py --load runs/.../checkpoint.msgpack                    # resume (same folder, schedule, model)
+    python algorithms/combo.py --load runs/.../checkpoint.msgpack --num-updates 0    # only evaluate it
+
+    act = load_policy("runs/.../checkpoint.msgpack"); action = act(obs)           # in your own code (env units)
 
 Two phases:
   1. Dynamics: an ensemble of 7 Gaussian MLPs learns (s, a) -> (s' - s, r) from all transitions; the 5 with the
-     lowest held-out error are the elites. Saved to --model-path; --load-model reuses one and skips this phase.
+     lowest held-out error are the elites. Saved to --model-save-path; --model-load reuses one and skips this phase
+     (a resumed run reuses the model its run trained or loaded).
   2. Policy: SAC (automatic entropy tuning) on batches that mix dataset transitions (fraction f = real_ratio) and
      h-step model rollouts (unpenalized rewards), with the conservative critic term of COMBO Eq. (4):
         beta * ( E_{s ~ model rollouts} [ log sum_a exp Q(s, a) ]  -  E_{(s, a) ~ D} [ Q(s, a) ] )
@@ -18,23 +22,23 @@ Two phases:
      flows through both parts (a public implementation stops it through the push-down part, which silently turns
      the regularizer into "push Q up on the data"; tests/test_model_based.py checks the gradient).
 
-Everything of phase 2 runs on the device: each jitted call performs `eval_interval` updates (rollouts included)
-in one `jax.lax.scan`, and `--num-seeds` independent agents are trained with `jax.vmap` (they share the one
-dynamics model, which is trained once with --seed). The model replay buffer is not checkpointed: a run started
-with --load refills it with a fresh rollout before its first update.
+Everything of phase 2 runs on the device: every jitted call performs a few seconds of updates (rollouts included)
+in one `jax.lax.scan`, and `--num-seeds` independent seeds are trained in one process with `jax.vmap` (they share
+the one dynamics model, which is trained once with --seed). The model replay buffer is not checkpointed: a resumed
+run refills it with a fresh rollout before its first update.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import flax
 import flax.linen as nn
@@ -42,11 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax.training.train_state import TrainState
-from tensorboard.summary import Writer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # common.py beside me first
 import common  # noqa: E402
 
 ALGORITHM = "combo"
@@ -56,36 +58,55 @@ ALGORITHM = "combo"
 @dataclass
 class Args:
     env: str = "hopper-medium-v2"
-    """D4RL-style dataset name `<env>-<kind>[-v2]` (env: hopper/halfcheetah/walker2d/ant). Ignored with --dataset."""
+    """Dataset name <env>-<kind>[-v2]: env hopper/halfcheetah/walker2d/ant, kind random/medium/expert/medium-replay/medium-expert/full-replay."""
     dataset: str | None = None
-    """Path to a D4RL-layout HDF5 file or a Minari dataset folder (needs --eval-env)."""
+    """A D4RL-layout HDF5 file, a Minari dataset folder or a Minari dataset id, instead of --env."""
     eval_env: str | None = None
-    """Gymnasium id of the evaluation environment (required with --dataset), e.g. Hopper-v4."""
-    source: str = "auto"
-    """Where common.load_dataset looks for a named dataset (see common.py)."""
+    """Gymnasium id to evaluate in, e.g. Hopper-v4. Default: the env the dataset names or records."""
+    source: Literal["auto", "d4rl", "minari", "recipe"] = "auto"
+    """Where a named dataset is looked up: auto tries d4rl, minari, then recipe (this project's D4RL-recipe data)."""
     seed: int = 0
-    """Random seed of the first run; run i of --num-seeds uses seed+i. The dynamics model is trained with --seed."""
+    """Random seed of the first run; run i of --num-seeds uses seed + i."""
     num_seeds: int = 1
-    """Number of independent agents trained in parallel (jax.vmap over the whole train state)."""
+    """Independent seeds trained in parallel in one process (jax.vmap over the whole train state)."""
     num_updates: int = 1_000_000
     """Total gradient updates (COMBO code, as MOPO: 1000 epochs x 1000 steps)."""
     batch_size: int = 256
-    """Minibatch size, real + model transitions (COMBO: 256)."""
+    """Minibatch size (COMBO: 256)."""
     eval_interval: int = 5000
-    """Updates between evaluations; also the length of one on-device lax.scan chunk."""
+    """Updates between evaluations; a checkpoint is saved at each."""
     eval_episodes: int = 10
-    """Evaluation episodes per seed (deterministic policy)."""
+    """Evaluation episodes per seed, with the deterministic policy."""
     log_dir: str | None = None
-    """TensorBoard/result directory. Default: runs/combo/<dataset>/<seed>-<timestamp>."""
+    """Folder of the TensorBoard logs, evals.csv, result.json and checkpoint. Default: runs/<algorithm>/<dataset>/<seed>-<time>."""
     save_path: str | None = None
-    """Agent checkpoint file, rewritten at every evaluation. Default: <log_dir>/checkpoint.msgpack."""
+    """Checkpoint file, rewritten at every evaluation and on Ctrl-C. Default: <log_dir>/checkpoint.msgpack."""
     load: str | None = None
-    """Agent checkpoint to restore: resume training up to --num-updates, or with --num-updates 0 only evaluate it."""
+    """Checkpoint to resume, in its own folder and with its config and schedule (flags given here override); --num-updates 0 only evaluates it."""
+    hidden_dim: int = 256
+    """Width of every hidden layer (actor and critic; COMBO/CQL: 256)."""
+    num_layers: int = 3
+    """Number of hidden layers (actor and critic; 3, as the d3rlpy/OfflineRL-Kit COMBO and CQL)."""
+    normalize_states: bool = True
+    """Standardize states with the dataset's mean and std (kept in the checkpoint)."""
+    preset: Literal["auto", "default", "halfcheetah-random", "halfcheetah-medium", "halfcheetah-medium-replay",
+                    "halfcheetah-medium-expert", "hopper-random", "hopper-medium", "hopper-medium-replay",
+                    "hopper-medium-expert", "walker2d-random", "walker2d-medium", "walker2d-medium-replay",
+                    "walker2d-medium-expert"] = "auto"
+    """Hyperparameter preset (PRESETS): auto picks the dataset's name (e.g. hopper-medium) if it has one, else default."""
+    horizon: int | None = None
+    """Model rollout length h. Default from the preset (1 on walker2d, else 5; sources in the PRESETS comment)."""
+    beta: float | None = None
+    """Conservative coefficient beta of Eq. (4). Default from the preset (0.5, 1 or 5; sources in the PRESETS comment)."""
+    cql_num_actions: int = 10
+    """Actions sampled per state and per proposal (uniform, pi(.|s), pi(.|s')) in the log-sum-exp (CQL: 10)."""
+    cql_temperature: float = 1.0
+    """Temperature of the log-sum-exp (CQL: 1)."""
     # dynamics model
-    model_path: str | None = None
+    model_save_path: str | None = None
     """Where the trained dynamics model (params, normalizer, elites) is saved. Default: <log_dir>/dynamics.msgpack."""
-    load_model: str | None = None
-    """Load this dynamics model file (written by --model-path of an earlier run) and skip model training."""
+    model_load: str | None = None
+    """Load this dynamics model file (written by --model-save-path of an earlier run) and skip model training."""
     ensemble_size: int = 7
     """Members of the dynamics ensemble (MOPO/MBPO: 7)."""
     num_elites: int = 5
@@ -111,16 +132,6 @@ class Args:
     model_patience: int = 5
     """Stop when no member improved its held-out MSE by >1% for this many epochs (MBPO: 5)."""
     # rollouts
-    preset: str = "auto"
-    """Hyperparameter preset from PRESETS (auto: the dataset's name, e.g. hopper-medium; else default)."""
-    horizon: int | None = None
-    """Model rollout length h. Default from the preset (1 on walker2d, else 5; sources in the PRESETS comment)."""
-    beta: float | None = None
-    """Conservative coefficient beta of Eq. (4). Default from the preset (0.5, 1 or 5; sources in the PRESETS comment)."""
-    cql_num_actions: int = 10
-    """Actions sampled per state and per proposal (uniform, pi(.|s), pi(.|s')) in the log-sum-exp (CQL: 10)."""
-    cql_temperature: float = 1.0
-    """Temperature of the log-sum-exp (CQL: 1)."""
     rollout_freq: int = 1000
     """Updates between model rollouts (MOPO/MBPO model_train_freq: 1000)."""
     rollout_batch_size: int = 50_000
@@ -130,27 +141,22 @@ class Args:
     real_ratio: float = 0.5
     """Fraction f of each batch drawn from the dataset; the rest from model rollouts (0.5 as d3rlpy/OfflineRL-Kit COMBO)."""
     # agent
-    hidden_dim: int = 256
-    """Width of the actor/critic hidden layers (COMBO/CQL: 256)."""
-    num_layers: int = 3
-    """Hidden layers of the actor/critic (3, as the d3rlpy/OfflineRL-Kit COMBO and CQL)."""
-    normalize_states: bool = True
-    """Standardize the agent's inputs with the dataset mean/std (the buffers hold raw states)."""
     actor_lr: float = 1e-4
     """Actor Adam learning rate (1e-4 as d3rlpy/OfflineRL-Kit COMBO; d3rlpy uses 1e-5 on walker2d)."""
     critic_lr: float = 3e-4
     """Critic Adam learning rate (3e-4 as d3rlpy/OfflineRL-Kit COMBO; d3rlpy uses 1e-4 on walker2d)."""
     alpha_lr: float = 3e-4
-    """Entropy temperature Adam learning rate (SAC: 3e-4)."""
+    """Adam learning rate of the SAC temperature log(alpha) (SAC: 3e-4)."""
     target_entropy: float | None = None
-    """SAC target entropy (None: -action_dim, as the COMBO code)."""
+    """SAC entropy target for automatic temperature tuning; default -action_dim (as the COMBO code)."""
     discount: float = 0.99
-    """Discount gamma (COMBO: 0.99)."""
+    """Discount gamma of the TD target (COMBO: 0.99)."""
     tau: float = 0.005
-    """Polyak rate of the target critics (COMBO: 5e-3)."""
-    debug_nan_at: int = -1
-    """Testing aid: inject a NaN into the critic loss at this update number (1-based) to exercise the NaN guard."""
-
+    """Polyak rate of the target critic (COMBO: 5e-3)."""
+    log_std_min: float = -5.0
+    """Lower clip of the policy log-std (this file's former fixed value: -5)."""
+    log_std_max: float = 2.0
+    """Upper clip of the policy log-std (this file's former fixed value: 2)."""
 
 # Conservative coefficient beta and rollout length h per dataset.
 # NOT checked against the COMBO paper's own table: its appendix (Yu et al. 2021, arXiv 2102.08363) could not be read
@@ -180,22 +186,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_hyperparameters(args: Args, info: dict) -> dict[str, Any]:
-    """The preset for this dataset, with --horizon/--beta overrides applied."""
-    name = args.preset
-    if name == "auto":
-        tag = info.get("task") or str(info["dataset"]).removesuffix("-v2")
-        name = tag if tag in PRESETS else "default"
-    if name not in PRESETS:
-        raise SystemExit(f"error: unknown --preset {args.preset!r}; choose auto or one of {sorted(PRESETS)}")
-    hp = dict(PRESETS[name], preset=name)
-    if args.horizon is not None:
-        hp["horizon"] = args.horizon
-    if args.beta is not None:
-        hp["beta"] = args.beta
-    if hp["horizon"] < 1:
-        raise SystemExit("error: --horizon must be >= 1")
-    return hp
+def resolve_preset(args: Args, info: dict) -> Args:
+    """Args with the preset's values filled in where no flag set them (and --preset auto resolved), checked."""
+    tag = info.get("task") or str(info["dataset"]).removesuffix("-v2")
+    name = args.preset if args.preset != "auto" else tag if tag in PRESETS else "default"
+    args = dataclasses.replace(args, preset=name, **{k: v for k, v in PRESETS[name].items() if getattr(args, k) is None})
+    for flag in ("horizon", "rollout_freq", "rollout_batch_size", "model_retain_rollouts", "ensemble_size", "num_elites",
+                 "cql_num_actions"):
+        if getattr(args, flag) < 1:
+            raise common.RunError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.num_elites > args.ensemble_size:
+        raise common.RunError("--num-elites cannot exceed --ensemble-size")
+    if not 0.0 <= args.real_ratio <= 1.0:
+        raise common.RunError("--real-ratio must be in [0, 1]")
+    n_real = int(round(args.batch_size * args.real_ratio))
+    if n_real < 1 or n_real >= args.batch_size:
+        raise common.RunError("COMBO needs dataset and model transitions in every batch: choose --real-ratio and "
+                              "--batch-size so that both parts are non-empty")
+    return args
 
 
 # ---- Termination functions ----
@@ -290,65 +298,97 @@ def holdout_mse(model_def: nn.Module, params: Any, x: jax.Array, y: jax.Array) -
     return ((mean - y) ** 2).mean((1, 2))
 
 
-class Actor(nn.Module):
-    """Tanh-squashed Gaussian policy (SAC): a = tanh(mu(s) + sigma(s) * eps)."""
-
-    action_dim: int
+class MLP(nn.Module):
     hidden_dim: int
     num_layers: int
+    out_dim: int
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = obs
+    def __call__(self, x: jax.Array) -> jax.Array:
         for _ in range(self.num_layers):
             x = nn.relu(nn.Dense(self.hidden_dim)(x))
-        mean = nn.Dense(self.action_dim)(x)
-        log_std = jnp.clip(nn.Dense(self.action_dim)(x), -5.0, 2.0)
-        return mean, log_std
+        return nn.Dense(self.out_dim)(x)
 
 
 class DoubleCritic(nn.Module):
-    """Twin Q(s, a) -> [2, batch] (two MLPs, vmapped over the ensemble axis)."""
+    """Twin Q_theta(s, a) -> [2, batch] (two independent MLPs, vmapped over the ensemble axis)."""
 
     hidden_dim: int
     num_layers: int
 
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
-        class QNet(nn.Module):
-            hidden_dim: int
-            num_layers: int
-
-            @nn.compact
-            def __call__(self, x):
-                for _ in range(self.num_layers):
-                    x = nn.relu(nn.Dense(self.hidden_dim)(x))
-                return nn.Dense(1)(x)[..., 0]
-
-        ensemble = nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=None, out_axes=0, axis_size=2)
-        return ensemble(self.hidden_dim, self.num_layers)(jnp.concatenate([obs, action], -1))
+        x = jnp.concatenate([obs, action], axis=-1)
+        ensemble = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=2,
+        )
+        return ensemble(self.hidden_dim, self.num_layers, 1)(x)[..., 0]
 
 
-def sample_action(mean: jax.Array, log_std: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reparameterized tanh-Gaussian sample and its log-density (SAC paper, App. C)."""
-    std = jnp.exp(log_std)
-    u = mean + std * jax.random.normal(key, mean.shape)
-    logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
-    logp -= (2 * (jnp.log(2.0) - u - jax.nn.softplus(-2 * u))).sum(-1)  # log(1 - tanh(u)^2), stable
-    return jnp.tanh(u), logp
+class TanhGaussianActor(nn.Module):
+    """SAC policy pi(a|s): a = tanh(u), u ~ N(mu(s), diag(sigma(s))^2), with a state-dependent std.
+
+    obs [batch, obs] -> (mu, log_sigma), each [batch, act]: the parameters of the Gaussian *before* the tanh,
+    from one MLP whose 2 * action_dim outputs are split into mu (first half) and log_sigma (second half);
+    log_sigma is clipped to [log_std_min, log_std_max]. Draw actions and their log-densities with
+    sample_tanh_gaussian; the deterministic (evaluation) action is tanh(mu).
+    """
+
+    action_dim: int
+    hidden_dim: int
+    num_layers: int
+    log_std_min: float
+    log_std_max: float
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = MLP(self.hidden_dim, self.num_layers, 2 * self.action_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+def deterministic_action(actor_def: nn.Module, params: Any, obs: jax.Array) -> jax.Array:
+    """Evaluation action: tanh of the Gaussian mean."""
+    return jnp.tanh(actor_def.apply(params, obs)[0])
+
+
+def sample_tanh_gaussian(key: jax.Array, mean: jax.Array, log_std: jax.Array,
+                         num_samples: int) -> tuple[jax.Array, jax.Array]:
+    """num_samples reparameterized draws a = tanh(mu + sigma * eps), eps ~ N(0, I), per state, with log pi(a|s).
+
+    mean, log_std: [batch, act], the pre-tanh Gaussian of TanhGaussianActor. Returns actions [batch, num_samples, act]
+    in (-1, 1) and their log-densities [batch, num_samples], differentiable in mean and log_std (reparameterization
+    trick); take [:, 0] of num_samples=1 for one action per state. The density follows from the change of
+    variables a = tanh(u) (SAC paper, App. C):
+        log pi(a|s) = log N(u; mu, sigma^2) - sum_d log(1 - tanh(u_d)^2),
+    with the numerically stable log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+    """
+    batch, act_dim = mean.shape
+    eps = jax.random.normal(key, (batch, num_samples, act_dim))
+    u = mean[:, None, :] + jnp.exp(log_std)[:, None, :] * eps
+    log_prob = jnp.sum(-0.5 * eps**2 - log_std[:, None, :] - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+    log_prob = log_prob - jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
+    return jnp.tanh(u), log_prob
 
 
 # ---- Losses ----
-def cql_logsumexp(q_rand: jax.Array, q_pi: jax.Array, logp_pi: jax.Array, q_next_pi: jax.Array,
-                  logp_next_pi: jax.Array, action_dim: int, temperature: float = 1.0) -> jax.Array:
-    """CQL(H)'s importance-sampled estimate of log sum_a exp Q(s, a) (CQL code, min_q_version 3): [..., N] -> [...].
+def cql_logsumexp(q_rand: jax.Array, q_cur: jax.Array, q_next: jax.Array, log_prob_rand: float | jax.Array,
+                  log_prob_cur: jax.Array, log_prob_next: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Importance-sampled log sum_a exp Q(s, a) of CQL(H) (CQL paper, Eq. (4) and App. F).
 
-    q_rand: Q at N uniform actions on [-1, 1]^d (log-density d log(1/2)); q_pi / q_next_pi: Q(s, .) at N actions
-    from pi(.|s) / pi(.|s') with their log-densities. logsumexp over the 3N importance-weighted values.
+    q_*: [..., batch, n] Q(s, a_j) for uniform actions, pi(.|s) actions and pi(.|s') actions (all evaluated
+    at s); log_prob_*: the log-densities of those proposals (rand: the scalar log(0.5^act_dim); others
+    [batch, n]). Each sample is divided by its proposal density, the three sets are concatenated along the
+    sample axis, and logsumexp runs over that axis only: returns [..., batch]. (The constant log(3n) of the
+    Monte-Carlo average is dropped, as in the reference code; it does not change gradients.) With a temperature T
+    it is T * logsumexp(x / T).
     """
-    rand_log_density = action_dim * jnp.log(0.5)
-    cat = jnp.concatenate([q_rand - rand_log_density, q_pi - logp_pi, q_next_pi - logp_next_pi], -1)
+    cat = jnp.concatenate([q_rand - log_prob_rand, q_next - log_prob_next, q_cur - log_prob_cur], axis=-1)
     return temperature * jax.nn.logsumexp(cat / temperature, axis=-1)
 
 
@@ -374,7 +414,8 @@ def combo_regularizer(critic_apply: Callable, critic_params: Any, model_obs: jax
     acts = jnp.concatenate([rand_act, pi_act, next_pi_act], 1).reshape(b * 3 * n, act_dim)
     q = critic_apply(critic_params, obs_rep, acts).reshape(-1, b, 3 * n)  # one critic call: [2, B, 3N]
     logp_pi, logp_next = jax.lax.stop_gradient(pi_logp), jax.lax.stop_gradient(next_pi_logp)
-    push_down = cql_logsumexp(q[..., :n], q[..., n: 2 * n], logp_pi, q[..., 2 * n:], logp_next, act_dim, temperature)
+    push_down = cql_logsumexp(q[..., :n], q[..., n: 2 * n], q[..., 2 * n:], act_dim * jnp.log(0.5), logp_pi, logp_next,
+                              temperature)  # uniform actions on [-1, 1]^act_dim: density 0.5^act_dim
     q_data = critic_apply(critic_params, data_obs, data_act)
     return conservative_term(push_down, q_data, beta), push_down, q_data
 
@@ -394,8 +435,10 @@ class ModelTrainState:
 
 
 def train_dynamics(args: Args, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray, rew: np.ndarray,
-                   seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fit the ensemble to (s, a) -> (s' - s, r) with early stopping; returns the model dict (see save_model)."""
+                   seed: int, log: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Fit the ensemble to (s, a) -> (s' - s, r) with early stopping; returns the model dict (see save_model).
+
+    stop() is asked after every epoch (Run.stop: Ctrl-C); it ends the run with an error, as nothing is saved yet."""
     x_all = np.concatenate([obs, act], 1).astype(np.float32)
     y_all = np.concatenate([next_obs - obs, rew[:, None]], 1).astype(np.float32)
     n = len(x_all)
@@ -459,7 +502,9 @@ def train_dynamics(args: Args, obs: np.ndarray, act: np.ndarray, next_obs: np.nd
             log(f"[dynamics] epoch {epochs} | train nll {float(train_loss):.3f} | holdout mse {np.sort(hold_mse)} "
                 f"| {time.perf_counter() - t0:.0f}s")
         if not np.isfinite(float(train_loss)):
-            raise FloatingPointError(f"dynamics training diverged at epoch {epochs} (non-finite loss)")
+            raise common.RunError(f"non-finite dynamics loss at epoch {epochs} (dynamics training diverged)")
+        if stop():
+            raise common.RunError(f"interrupted in dynamics epoch {epochs}: no dynamics model or checkpoint saved")
         if since > args.model_patience:
             break
         if args.model_epochs is not None and epochs >= args.model_epochs:
@@ -495,17 +540,17 @@ def load_model(path: str, meta: dict[str, Any]) -> dict[str, Any]:
         blob = flax.serialization.msgpack_restore(Path(path).read_bytes())
         saved = json.loads(blob["meta"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot load dynamics model {path}: {e}") from None
+        raise common.RunError(f"cannot load dynamics model {path}: {e}") from None
     diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
     if diff:
-        raise SystemExit(f"error: dynamics model {path} does not match this run (saved vs now: {diff})")
+        raise common.RunError(f"dynamics model {path} does not match this run (saved vs now: {diff})")
     return {"params": jax.tree.map(jnp.asarray, blob["params"]), "in_mean": blob["in_mean"],
             "in_std": blob["in_std"], "elites": np.asarray(blob["elites"]), "holdout_mse": blob["holdout_mse"]}
 
 
 # ---- Train step ----
 @flax.struct.dataclass
-class AgentState:
+class COMBOState:
     actor: TrainState
     critic: TrainState
     alpha: TrainState
@@ -526,19 +571,22 @@ class ModelBuffer:
 ROLLOUT_STATS = ("rollout_reward", "rollout_valid_frac")
 
 
-def make_networks(args: Args, action_dim: int) -> tuple[Actor, DoubleCritic]:
-    return Actor(action_dim, args.hidden_dim, args.num_layers), DoubleCritic(args.hidden_dim, args.num_layers)
+def make_networks(args: Args, action_dim: int) -> tuple[TanhGaussianActor, DoubleCritic]:
+    actor = TanhGaussianActor(action_dim, args.hidden_dim, args.num_layers, args.log_std_min, args.log_std_max)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers)
 
 
-def make_init(args: Args, obs_dim: int, action_dim: int, capacity: int) -> Callable[[jax.Array], tuple]:
+def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], tuple]:
+    """init(seed) -> (train state, empty model buffer of `model_retain_rollouts` rollouts)."""
     actor_def, critic_def = make_networks(args, action_dim)
+    capacity = args.rollout_batch_size * args.horizon * args.model_retain_rollouts
 
-    def init(seed: jax.Array) -> tuple[AgentState, ModelBuffer]:
+    def init(seed: jax.Array) -> tuple[COMBOState, ModelBuffer]:
         key = jax.random.PRNGKey(seed)
         key, k_actor, k_critic = jax.random.split(key, 3)
         obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
         critic_params = critic_def.init(k_critic, obs, act)
-        agent = AgentState(
+        state = COMBOState(
             actor=TrainState.create(apply_fn=actor_def.apply, params=actor_def.init(k_actor, obs),
                                     tx=optax.adam(args.actor_lr)),
             critic=TrainState.create(apply_fn=critic_def.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
@@ -550,21 +598,23 @@ def make_init(args: Args, obs_dim: int, action_dim: int, capacity: int) -> Calla
                   "terminals": ()}
         buffer = ModelBuffer({k: jnp.zeros((capacity, *s)) for k, s in shapes.items()}, jnp.zeros((), jnp.int32),
                              jnp.zeros((), jnp.int32), {k: jnp.zeros(()) for k in ROLLOUT_STATS})
-        return agent, buffer
+        return state, buffer
 
     return init
 
 
-def make_rollout(args: Args, hp: dict[str, Any], model: dict[str, Any], model_def: nn.Module, actor_def: nn.Module,
-                 term_fn: Callable, obs_mean: jax.Array, obs_std: jax.Array) -> Callable:
+def make_rollout(args: Args, model: dict[str, Any], prep: common.Prep, term_fn: Callable) -> Callable:
     """Roll out `rollout_batch_size` dataset states for h steps in the model (rewards unpenalized); store them."""
+    model_def = GaussianDynamics(prep.obs_dim + 1, args.model_hidden_dim, args.model_num_layers)
+    actor_def = make_networks(args, prep.act_dim)[0]
+    obs_mean, obs_std = jnp.asarray(prep.obs_mean), jnp.asarray(prep.obs_std)
     elites = np.asarray(model["elites"])
     elite_params = jax.tree.map(lambda p: jnp.asarray(p)[elites], model["params"])
     in_mean, in_std = jnp.asarray(model["in_mean"]), jnp.asarray(model["in_std"])
-    b, h = args.rollout_batch_size, hp["horizon"]
+    b, h = args.rollout_batch_size, args.horizon
     num_elites = len(elites)
 
-    def rollout(agent: AgentState, buffer: ModelBuffer, data: dict[str, jax.Array], key: jax.Array) -> ModelBuffer:
+    def rollout(state: COMBOState, buffer: ModelBuffer, data: dict[str, jax.Array], key: jax.Array) -> ModelBuffer:
         k_start, k_steps = jax.random.split(key)
         obs0 = data["observations"][jax.random.randint(k_start, (b,), 0, data["observations"].shape[0])]
         obs_dim = obs0.shape[1]
@@ -572,8 +622,8 @@ def make_rollout(args: Args, hp: dict[str, Any], model: dict[str, Any], model_de
         def step(carry, k):
             obs, alive = carry
             k_act, k_member, k_noise = jax.random.split(k, 3)
-            mean, log_std = actor_def.apply(agent.actor.params, (obs - obs_mean) / obs_std)
-            act, _ = sample_action(mean, log_std, k_act)
+            mean, log_std = actor_def.apply(state.actor.params, (obs - obs_mean) / obs_std)
+            act = sample_tanh_gaussian(k_act, mean, log_std, 1)[0][:, 0]
             mu, logvar = ensemble_predict(model_def, elite_params, in_mean, in_std, obs, act)  # [E, b, obs+1]
             std = jnp.exp(0.5 * logvar)
             member = jax.random.randint(k_member, (b,), 0, num_elites)
@@ -606,28 +656,27 @@ def make_rollout(args: Args, hp: dict[str, Any], model: dict[str, Any], model_de
     return rollout
 
 
-def make_update(args: Args, hp: dict[str, Any], obs_mean: jax.Array, obs_std: jax.Array, action_dim: int) -> Callable:
+def make_update(args: Args, prep: common.Prep) -> Callable:
+    """update(state, buffer, data, step): one COMBO update of one seed on real + model transitions (raw states)."""
     n_real = int(round(args.batch_size * args.real_ratio))
-    n_model = args.batch_size - n_real
-    if n_real < 1 or n_model < 1:
-        raise SystemExit("error: COMBO needs dataset and model transitions in every batch: choose --real-ratio and "
-                         "--batch-size so that both parts are non-empty")
-    beta, n_act, temp = hp["beta"], args.cql_num_actions, args.cql_temperature
+    n_model = args.batch_size - n_real  # both >= 1 (resolve_preset checks)
+    beta, n_act, temp, action_dim = args.beta, args.cql_num_actions, args.cql_temperature, prep.act_dim
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
+    obs_mean, obs_std, nan_at = jnp.asarray(prep.obs_mean), jnp.asarray(prep.obs_std), common.debug_nan_at()
 
-    def update(agent: AgentState, buffer: ModelBuffer, data: dict[str, jax.Array], step: jax.Array):
-        key, k_real, k_model, k_next, k_pi, k_rand, k_cql, k_cql_next = jax.random.split(agent.key, 8)
+    def update(state: COMBOState, buffer: ModelBuffer, data: dict[str, jax.Array], step: jax.Array):
+        key, k_real, k_model, k_next, k_pi, k_rand, k_cql, k_cql_next = jax.random.split(state.key, 8)
         real_idx = jax.random.randint(k_real, (n_real,), 0, data["observations"].shape[0])
         model_idx = jax.random.randint(k_model, (n_model,), 0, jnp.maximum(buffer.size, 1))
         b = {k: jnp.concatenate([data[k][real_idx], buffer.data[k][model_idx]]) for k in buffer.data}
         obs = (b["observations"] - obs_mean) / obs_std
         next_obs = (b["next_observations"] - obs_mean) / obs_std
-        alpha = jnp.exp(agent.alpha.params["log_alpha"])
+        alpha = jnp.exp(state.alpha.params["log_alpha"])
 
         # Critic: soft Bellman backup with clipped double Q (SAC).
-        nm, nls = agent.actor.apply_fn(agent.actor.params, next_obs)
-        na, nlogp = sample_action(nm, nls, k_next)
-        nq = agent.critic.apply_fn(agent.target_critic_params, next_obs, na).min(0)
+        nm, nls = state.actor.apply_fn(state.actor.params, next_obs)
+        na, nlogp = (x[:, 0] for x in sample_tanh_gaussian(k_next, nm, nls, 1))
+        nq = state.critic.apply_fn(state.target_critic_params, next_obs, na).min(0)
         target = jax.lax.stop_gradient(sac_target(b["rewards"], b["terminals"], nq, nlogp, alpha, args.discount))
 
         # Conservative term, Eq. (4): push Q down at model-rollout states (uniform and current-policy actions,
@@ -635,9 +684,8 @@ def make_update(args: Args, hp: dict[str, Any], obs_mean: jax.Array, obs_std: ja
         m_obs, m_next = obs[n_real:], next_obs[n_real:]
 
         def policy_samples(o, k):
-            mean, log_std = agent.actor.apply_fn(agent.actor.params, o)
-            rep = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], n_act, x.shape[1]))
-            a, lp = sample_action(rep(mean), rep(log_std), k)
+            mean, log_std = state.actor.apply_fn(state.actor.params, o)
+            a, lp = sample_tanh_gaussian(k, mean, log_std, n_act)
             return jax.lax.stop_gradient(a), jax.lax.stop_gradient(lp)
 
         pi_act, pi_logp = policy_samples(m_obs, k_cql)
@@ -645,35 +693,35 @@ def make_update(args: Args, hp: dict[str, Any], obs_mean: jax.Array, obs_std: ja
         rand_act = jax.random.uniform(k_rand, (n_model, n_act, action_dim), minval=-1.0, maxval=1.0)
 
         def critic_loss_fn(params):
-            q = agent.critic.apply_fn(params, obs, b["actions"])
+            q = state.critic.apply_fn(params, obs, b["actions"])
             td_loss = ((q - target) ** 2).mean(1).sum()
-            reg, push_down, _ = combo_regularizer(agent.critic.apply_fn, params, m_obs, rand_act, pi_act, pi_logp,
+            reg, push_down, _ = combo_regularizer(state.critic.apply_fn, params, m_obs, rand_act, pi_act, pi_logp,
                                                   next_pi_act, next_pi_logp, obs[:n_real], b["actions"][:n_real],
                                                   beta, temp)
             loss = td_loss + reg
-            if args.debug_nan_at >= 0:  # testing aid, see --debug-nan-at
-                loss = loss + jnp.where(step + 1 == args.debug_nan_at, jnp.nan, 0.0)
+            if nan_at >= 0:  # testing aid, see common.debug_nan_at
+                loss = loss + jnp.where(step + 1 == nan_at, jnp.nan, 0.0)
             return loss, (q, td_loss, reg, push_down)
 
         (critic_loss, (q, td_loss, reg, push_down)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-            agent.critic.params)
-        critic = agent.critic.apply_gradients(grads=grads)
+            state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
 
         # Actor: minimize E[alpha log pi(a|s) - min_j Q_j(s, a)].
         def actor_loss_fn(params):
-            m, ls = agent.actor.apply_fn(params, obs)
-            a, logp = sample_action(m, ls, k_pi)
+            m, ls = state.actor.apply_fn(params, obs)
+            a, logp = (x[:, 0] for x in sample_tanh_gaussian(k_pi, m, ls, 1))
             return (alpha * logp - critic.apply_fn(critic.params, obs, a).min(0)).mean(), logp.mean()
 
-        (actor_loss, logp), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(agent.actor.params)
-        actor = agent.actor.apply_gradients(grads=grads)
+        (actor_loss, logp), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
 
         # Temperature: minimize -alpha (log pi + target entropy).
-        grads = jax.grad(lambda p: -jnp.exp(p["log_alpha"]) * jax.lax.stop_gradient(logp + target_entropy))(agent.alpha.params)
-        alpha_state = agent.alpha.apply_gradients(grads=grads)
+        grads = jax.grad(lambda p: -jnp.exp(p["log_alpha"]) * jax.lax.stop_gradient(logp + target_entropy))(state.alpha.params)
+        alpha_state = state.alpha.apply_gradients(grads=grads)
 
-        target_params = optax.incremental_update(critic.params, agent.target_critic_params, args.tau)
-        new = AgentState(actor=actor, critic=critic, alpha=alpha_state, target_critic_params=target_params, key=key)
+        target_params = optax.incremental_update(critic.params, state.target_critic_params, args.tau)
+        new = COMBOState(actor=actor, critic=critic, alpha=alpha_state, target_critic_params=target_params, key=key)
         metrics = {"critic_loss": critic_loss, "td_loss": td_loss, "conservative_term": reg,
                    "q_data_mean": q[:, :n_real].mean(), "q_model_mean": q[:, n_real:].mean(),
                    "push_down_mean": push_down.mean(), "actor_loss": actor_loss, "q_mean": q.mean(), "alpha": alpha,
@@ -685,287 +733,124 @@ def make_update(args: Args, hp: dict[str, Any], obs_mean: jax.Array, obs_std: ja
 
 
 def make_train_chunk(update: Callable, rollout: Callable, rollout_freq: int) -> Callable:
-    """jit(scan(rollout-if-due, vmap(update))): `num_steps` updates of every seed per device call; state donated.
+    """jit(scan(rollout-if-due, vmap(update))): `num_steps` updates of every seed per device call, on the carry
+    (states, buffers), donated; and jit(fill): the rollout that fills the buffers before a run's first update.
 
     The rollout sits outside the vmap under a scalar lax.cond, so it really runs only every `rollout_freq` updates.
     """
 
-    def fill(agents: AgentState, buffers: ModelBuffer, data: dict[str, jax.Array]) -> tuple[AgentState, ModelBuffer]:
-        keys = jax.vmap(lambda k: jax.random.split(k))(agents.key)  # [S, 2, 2]
-        buffers = jax.vmap(rollout, in_axes=(0, 0, None, 0))(agents, buffers, data, keys[:, 1])
-        return agents.replace(key=keys[:, 0]), buffers
+    def fill(states: COMBOState, buffers: ModelBuffer, data: dict[str, jax.Array]) -> tuple[COMBOState, ModelBuffer]:
+        keys = jax.vmap(lambda k: jax.random.split(k))(states.key)  # [S, 2, 2]
+        buffers = jax.vmap(rollout, in_axes=(0, 0, None, 0))(states, buffers, data, keys[:, 1])
+        return states.replace(key=keys[:, 0]), buffers
 
-    def chunk(agents: AgentState, buffers: ModelBuffer, data: dict[str, jax.Array], step0: jax.Array,
+    def chunk(carry: tuple[COMBOState, ModelBuffer], data: dict[str, jax.Array], step0: jax.Array,
               run_start: jax.Array, num_steps: int):
         def body(carry, step):
-            agents, buffers = carry
+            states, buffers = carry
             due = (step % rollout_freq == 0) & (step != run_start)  # run_start: filled by `fill` already
-            agents, buffers = jax.lax.cond(due, lambda a, bf: fill(a, bf, data), lambda a, bf: (a, bf), agents, buffers)
-            agents, metrics = jax.vmap(update, in_axes=(0, 0, None, None))(agents, buffers, data, step)
-            return (agents, buffers), metrics
+            states, buffers = jax.lax.cond(due, lambda s, bf: fill(s, bf, data), lambda s, bf: (s, bf), states, buffers)
+            states, metrics = jax.vmap(update, in_axes=(0, 0, None, None))(states, buffers, data, step)
+            return (states, buffers), metrics
 
-        (agents, buffers), metrics = jax.lax.scan(body, (agents, buffers), step0 + jnp.arange(num_steps))
+        carry, metrics = jax.lax.scan(body, carry, step0 + jnp.arange(num_steps))
         means = {k: m.mean(0) for k, m in metrics.items()}
         first_bad = {}
         for k, m in metrics.items():
             bad = ~jnp.all(jnp.isfinite(m), axis=1)
             first_bad[k] = jnp.where(bad.any(), jnp.argmax(bad), -1)
-        return agents, buffers, means, first_bad
+        return carry, means, first_bad
 
-    return jax.jit(chunk, static_argnames="num_steps", donate_argnums=(0, 1)), jax.jit(fill, donate_argnums=(0, 1))
+    return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0), jax.jit(fill, donate_argnums=(0, 1))
 
 
-# ---- Evaluation ----
-def make_policy_fn(actor_def: nn.Module, obs_mean: np.ndarray, obs_std: np.ndarray) -> Callable:
-    """Deterministic policy tanh(mu(s)) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act]."""
+
+
+# ---- Evaluation and use ----
+def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
+    """Deterministic policy tanh(mu(s)) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
 
     @jax.jit
     def policy(params: Any, obs: jax.Array) -> jax.Array:
-        obs = (obs - obs_mean) / obs_std
-        return jax.vmap(lambda p, o: jnp.tanh(actor_def.apply(p, o)[0]))(params, obs)
+        obs = (obs - prep.obs_mean) / prep.obs_std
+        return jax.vmap(lambda p, o: deterministic_action(actor_def, p, o))(params, obs)
 
     return policy
 
 
-def run_evaluation(env, policy: Callable, params: Any, info: dict, num_seeds: int, episodes: int,
-                   act_low: np.ndarray, act_high: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Returns per-seed mean return [S] and normalized score [S] (None without reference scores)."""
-
-    def act_fn(obs: np.ndarray) -> np.ndarray:
-        a = np.asarray(policy(params, jnp.asarray(obs, jnp.float32).reshape(num_seeds, episodes, -1)))
-        a = np.clip(a.reshape(num_seeds * episodes, -1), -1.0, 1.0)
-        return act_low + (a + 1.0) * 0.5 * (act_high - act_low)  # [-1, 1] -> env action bounds
-
-    returns = np.asarray(common.evaluate(env, act_fn)).reshape(num_seeds, episodes)
-    norm = common.normalized_score(info, returns)
-    return returns.mean(1), (None if norm is None else np.asarray(norm).reshape(num_seeds, episodes).mean(1))
-
-
-# ---- Checkpointing ----
-def save_checkpoint(path: str, states: Any, step: int) -> None:
-    """Atomic write: an interrupted run always leaves the last complete checkpoint."""
-    blob = flax.serialization.to_bytes({"state": states, "step": step})
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, template: Any) -> tuple[Any, int]:
-    try:
-        restored = flax.serialization.from_bytes({"state": template, "step": 0}, Path(path).read_bytes())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
-    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(restored["state"]), strict=True):
-        if np.shape(a) != np.shape(b):
-            raise SystemExit(
-                f"error: checkpoint {path} does not match this configuration (array shape {np.shape(b)} vs "
-                f"{np.shape(a)}); use the same --num-seeds/--hidden-dim/--num-layers as when it was saved"
-            )
-    return jax.tree.map(jnp.asarray, restored["state"]), int(restored["step"])
+def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """act(obs) -> action in env units, from a checkpoint of this file (seed: which of its --num-seeds runs)."""
+    ckpt = common.read_checkpoint(path, ALGORITHM)
+    args, prep = Args(**ckpt["meta"]["config"]), common.Prep(**ckpt["meta"]["prep"])
+    actor_def = make_networks(args, prep.act_dim)[0]
+    params = jax.tree.map(lambda x: x[seed], ckpt["state"]["actor"]["params"])
+    return common.policy_act(prep, lambda obs: deterministic_action(actor_def, params, obs))
 
 
 # ---- Main ----
-def _f(x: Any) -> float | None:
-    return None if x is None else float(x)
+def training_arrays(prep: common.Prep, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw states (the dynamics model and the termination rule work on them; the agent normalizes its inputs),
+    [-1, 1] actions, rewards and terminals."""
+    keys = ("observations", "rewards", "next_observations", "terminals")
+    return {k: data[k] for k in keys} | {"actions": prep.to_unit(data["actions"])}
+
+
+def dynamics_phase(args: Args, run: common.Run, data: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Phase 1: train the ensemble and save it, or load one (--model-load; a resumed run loads its run's model).
+
+    Returns the model and its record for result.json."""
+    prep = run.prep
+    meta = {"obs_dim": prep.obs_dim, "action_dim": prep.act_dim, "ensemble_size": args.ensemble_size,
+            "model_hidden_dim": args.model_hidden_dim, "model_num_layers": args.model_num_layers}
+    path = args.model_load
+    if path is None and args.load:  # resume: the model saved by the run of the checkpoint
+        path = args.model_save_path or str(Path(common.read_checkpoint(args.load)["meta"]["log_dir"]) / "dynamics.msgpack")
+    loaded = path is not None
+    if loaded:
+        model = load_model(path, meta)
+        if len(model["elites"]) < args.num_elites:
+            raise common.RunError(f"{path} has {len(model['elites'])} elites, --num-elites is {args.num_elites}")
+        model["elites"], model["epochs"] = model["elites"][: args.num_elites], 0
+        print(f"[{ALGORITHM}] loaded dynamics model {path}; elites {model['elites'].tolist()}", flush=True)
+    else:
+        model = train_dynamics(args, data["observations"], prep.to_unit(data["actions"]), data["next_observations"],
+                               data["rewards"], args.seed, log=lambda s: print(f"[{ALGORITHM}] {s}", flush=True),
+                               stop=lambda: run.stop)
+        path = str(args.model_save_path or run.log_dir / "dynamics.msgpack")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_model(path, model, meta)
+    for i, v in enumerate(np.asarray(model["holdout_mse"])):
+        run.writer.add_scalar(f"dynamics/holdout_mse/member{i}", float(v), 0)
+    return model, {"model_path": path, "loaded": loaded, "epochs": model["epochs"],
+                   "elites": [int(e) for e in model["elites"]],
+                   "holdout_mse": [float(x) for x in np.asarray(model["holdout_mse"])]}
 
 
 def main(args: Args) -> dict:
-    t_start = time.time()
-    if args.dataset is not None and args.eval_env is None:
-        raise SystemExit("error: --dataset needs --eval-env (the gymnasium id to evaluate in, e.g. Hopper-v4)")
-    for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes", "rollout_freq", "rollout_batch_size",
-                 "model_retain_rollouts", "ensemble_size", "num_elites", "cql_num_actions"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if args.num_elites > args.ensemble_size:
-        raise SystemExit("error: --num-elites cannot exceed --ensemble-size")
-    if not 0.0 <= args.real_ratio <= 1.0:
-        raise SystemExit("error: --real-ratio must be in [0, 1]")
-    num_seeds, episodes = args.num_seeds, args.eval_episodes
-    seeds = [args.seed + i for i in range(num_seeds)]
-    try:
-        data_np, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
-        env = common.make_eval_env(info, num_envs=num_seeds * episodes, seed=args.seed)
-    except common.DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
-    hp = resolve_hyperparameters(args, info)
-    family = env_family(info["eval_env"])
-    hp["termination"] = family
-
-    # Actions are modelled and trained in [-1, 1]; evaluation maps them back to the env's bounds.
-    act_low = np.asarray(env.single_action_space.low, np.float32)
-    act_high = np.asarray(env.single_action_space.high, np.float32)
-    actions = np.clip(2.0 * (data_np["actions"] - act_low) / (act_high - act_low) - 1.0, -1.0, 1.0).astype(np.float32)
-    obs_dim, action_dim = data_np["observations"].shape[1], actions.shape[1]
-    if args.normalize_states:
-        obs_mean, obs_std = common.state_stats(data_np["observations"])
-    else:
-        obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    data = {  # raw states (the model and the termination rule work on them); goes onto the device once
-        "observations": jnp.asarray(data_np["observations"]),
-        "actions": jnp.asarray(actions),
-        "rewards": jnp.asarray(data_np["rewards"]),
-        "next_observations": jnp.asarray(data_np["next_observations"]),
-        "terminals": jnp.asarray(data_np["terminals"]),
-    }
-
-    dataset_tag = Path(str(info["dataset"])).stem if args.dataset else str(info["dataset"])
-    log_dir = Path(args.log_dir or f"runs/{ALGORITHM}/{dataset_tag}/{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    save_path = args.save_path or str(log_dir / "checkpoint.msgpack")
-    model_path = args.model_path or str(log_dir / "dynamics.msgpack")
-    for p in (save_path, model_path):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-    writer = Writer(str(log_dir))
-    print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}) -> {info['eval_env']}; seeds {seeds}; "
-          f"{hp}; logs in {log_dir}")
-
-    # Phase 1: the dynamics ensemble.
-    model_meta = {"obs_dim": obs_dim, "action_dim": action_dim, "ensemble_size": args.ensemble_size,
-                  "model_hidden_dim": args.model_hidden_dim, "model_num_layers": args.model_num_layers}
-    t0 = time.perf_counter()
-    if args.load_model:
-        model = load_model(args.load_model, model_meta)
-        if len(model["elites"]) < args.num_elites:
-            raise SystemExit(f"error: {args.load_model} has {len(model['elites'])} elites, --num-elites is {args.num_elites}")
-        model["elites"] = model["elites"][: args.num_elites]
-        model_source, model_epochs = args.load_model, 0
-        print(f"[{ALGORITHM}] loaded dynamics model {args.load_model}; elites {model['elites'].tolist()}")
-    else:
-        model = train_dynamics(args, data_np["observations"], actions, data_np["next_observations"], data_np["rewards"],
-                               args.seed, log=lambda s: print(f"[{ALGORITHM}] {s}", flush=True))
-        save_model(model_path, model, model_meta)
-        model_source, model_epochs = model_path, model["epochs"]
-    model_time = time.perf_counter() - t0
-    for i, v in enumerate(np.asarray(model["holdout_mse"])):
-        writer.add_scalar(f"dynamics/holdout_mse/member{i}", float(v), 0)
-
-    # Phase 2: the agent.
+    data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
+    args, family = resolve_preset(args, info), env_family(info["eval_env"])
+    hyperparameters = {k: getattr(args, k) for k in ("preset", *PRESETS[args.preset])} | {"termination": family}
+    run = common.Run(ALGORITHM, args, info, data, hyperparameters=hyperparameters)
+    t_model = time.perf_counter()
+    model, dynamics = dynamics_phase(args, run, data)  # phase 1: the dynamics ensemble, trained or loaded
     t_policy = time.perf_counter()
-    capacity = args.rollout_batch_size * hp["horizon"] * args.model_retain_rollouts
-    model_def = GaussianDynamics(obs_dim + 1, args.model_hidden_dim, args.model_num_layers)
-    actor_def, _ = make_networks(args, action_dim)
-    om, osd = jnp.asarray(obs_mean), jnp.asarray(obs_std)
-    rollout = make_rollout(args, hp, model, model_def, actor_def, termination_fn(family), om, osd)
-    agents, buffers = jax.vmap(make_init(args, obs_dim, action_dim, capacity))(jnp.asarray(seeds))
-    agents, buffers = jax.tree.map(lambda x: jnp.array(x, copy=True), (agents, buffers))  # distinct (donated) buffers
-    step = 0
-    if args.load:
-        agents, step = load_checkpoint(args.load, agents)
-        print(f"[{ALGORITHM}] restored {args.load} at update {step}")
-    train_chunk, fill = make_train_chunk(make_update(args, hp, om, osd, action_dim), rollout, args.rollout_freq)
-    policy = make_policy_fn(actor_def, obs_mean, obs_std)
-
-    compiled: dict[int, Any] = {}
-    compile_time = train_time = 0.0
-    trained = 0
-    history: list[dict] = []
-    best_ret = np.full(num_seeds, -np.inf)
-    best_norm: np.ndarray | None = None
-    last_ret, last_norm = best_ret, None
-    csv_path = log_dir / "evals.csv"
-    run_start = step
-
-    def evaluate_and_log(step: int) -> None:
-        nonlocal best_ret, best_norm, last_ret, last_norm
-        t0 = time.perf_counter()
-        last_ret, last_norm = run_evaluation(env, policy, agents.actor.params, info, num_seeds, episodes, act_low, act_high)
-        best_ret = np.maximum(best_ret, last_ret)
-        if last_norm is not None:
-            best_norm = last_norm if best_norm is None else np.maximum(best_norm, last_norm)
-        history.append({"update": step, "returns": [float(x) for x in last_ret],
-                        "normalized": None if last_norm is None else [float(x) for x in last_norm]})
-        for i in range(num_seeds):
-            writer.add_scalar(f"eval/return/seed{i}", float(last_ret[i]), step)
-            if last_norm is not None:
-                writer.add_scalar(f"eval/normalized/seed{i}", float(last_norm[i]), step)
-        writer.add_scalar("eval/return", float(last_ret.mean()), step)
-        msg = f"return {last_ret.mean():.1f} ± {last_ret.std():.1f}"
-        if last_norm is not None:
-            writer.add_scalar("eval/normalized", float(last_norm.mean()), step)
-            msg += f" | normalized {last_norm.mean():.1f} ± {last_norm.std():.1f} (best {best_norm.mean():.1f})"
-        new_file = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new_file:
-                w.writerow(["update", "seed", "return", "normalized"])
-            for i in range(num_seeds):
-                w.writerow([step, seeds[i], float(last_ret[i]), "" if last_norm is None else float(last_norm[i])])
-        ups = trained / train_time if train_time > 0 else float("nan")
-        writer.add_scalar("perf/updates_per_s", ups, step)
-        writer.flush()
-        print(f"[{ALGORITHM}] update {step}/{args.num_updates} | {msg} | {ups:.0f} upd/s | "
-              f"eval {time.perf_counter() - t0:.1f}s", flush=True)
-
-    if step < args.num_updates:  # the first rollout of this run (also refills the buffer after --load)
-        t0 = time.perf_counter()
-        agents, buffers = fill(agents, buffers, data)
-        jax.block_until_ready(buffers.size)
-        compile_time += time.perf_counter() - t0
-    while step < args.num_updates:
-        n = min(args.eval_interval, args.num_updates - step)
-        step0, start = jnp.asarray(step, jnp.int32), jnp.asarray(run_start, jnp.int32)
-        if n not in compiled:  # AOT compile, timed separately from training throughput
-            t0 = time.perf_counter()
-            compiled[n] = train_chunk.lower(agents, buffers, data, step0, start, num_steps=n).compile()
-            compile_time += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        agents, buffers, means, first_bad = compiled[n](agents, buffers, data, step0, start)
-        means, first_bad = jax.device_get((means, first_bad))
-        train_time += time.perf_counter() - t0
-        trained += n
-        for k, m in means.items():  # NaN guard: the last good checkpoint on disk is left untouched
-            if not np.all(np.isfinite(m)):
-                where = f"update {step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
-                writer.close()
-                raise FloatingPointError(
-                    f"non-finite {k} at {where} (chunk of updates {step + 1}-{step + n}); "
-                    f"stopped without overwriting the last good checkpoint {save_path}")
-        step += n
-        for k, m in means.items():
-            writer.add_scalar(f"train/{k}", float(np.mean(m)), step)
-        evaluate_and_log(step)
-        save_checkpoint(save_path, agents, step)
-    if not history:  # --num-updates 0 (or a finished checkpoint): evaluate only
-        evaluate_and_log(step)
-    writer.close()
-    policy_time = time.perf_counter() - t_policy
-
-    per_seed = [{"seed": seeds[i], "last_return": float(last_ret[i]), "best_return": float(best_ret[i]),
-                 "last_normalized": None if last_norm is None else float(last_norm[i]),
-                 "best_normalized": None if best_norm is None else float(best_norm[i])} for i in range(num_seeds)]
-    result = {
-        "algorithm": ALGORITHM,
-        "dataset": str(info["dataset"]),
-        "source": str(info["source"]),
-        "source_kind": str(info["source_kind"]),
-        "dataset_sha256": info.get("dataset_sha256"),  # recipe data: sha256 of its arrays
-        "eval_env": str(info["eval_env"]),
-        "num_updates": step,
-        "seeds": seeds,
-        "last_return": float(last_ret.mean()),
-        "best_return": float(best_ret.mean()),
-        "last_normalized": None if last_norm is None else float(last_norm.mean()),
-        "best_normalized": None if best_norm is None else float(best_norm.mean()),
-        "per_seed": per_seed,
-        "wall_time_s": time.time() - t_start,
-        "updates_per_s": trained / train_time if train_time > 0 else None,
-        "compile_time_s": compile_time,
-        "phase_times_s": {"model_training": model_time, "policy_training": policy_time},
-        "dynamics": {"model_path": model_source, "loaded": bool(args.load_model), "epochs": model_epochs,
-                     "elites": [int(e) for e in model["elites"]],
-                     "holdout_mse": [float(x) for x in np.asarray(model["holdout_mse"])]},
-        "config": asdict(args),
-        "hyperparameters": hp,
-        "eval_history": history,
-    }
-    (log_dir / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"[{ALGORITHM}] done: return {result['last_return']:.1f} (best {result['best_return']:.1f}), normalized "
-          f"{_f(result['last_normalized'])}; {result['updates_per_s'] or 0:.0f} upd/s; model {model_time:.0f}s, "
-          f"policy {policy_time:.0f}s; result in {log_dir}")
-    return result
+    batch = jax.device_put(training_arrays(run.prep, data))  # on the device once
+    states, buffers = jax.vmap(make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim))(jnp.asarray(run.seeds))
+    states, buffers = run.restore(states), jax.tree.map(lambda x: jnp.array(x, copy=True), buffers)  # buffers: fresh
+    rollout = make_rollout(args, model, run.prep, termination_fn(family))
+    train_chunk, fill = make_train_chunk(make_update(args, run.prep), rollout, args.rollout_freq)
+    policy = make_policy_fn(make_networks(args, run.prep.act_dim)[0], run.prep)
+    run_start = jnp.asarray(run.step, jnp.int32)
+    if run.step < args.num_updates:  # this run's first rollout (it also refills the buffers of a resumed run)
+        states, buffers = fill(states, buffers, batch)
+    for n in run.chunks():  # device calls of a few seconds each (rollouts included), until --num-updates or Ctrl-C
+        states, buffers = run.train(train_chunk, (states, buffers), batch, n, run_start)  # stops on a NaN loss
+        if run.eval_due:
+            run.evaluate(policy, states.actor.params)
+            run.save(states)  # the train states only: the model buffers are refilled on resume
+    phase_times = {"model_training": t_policy - t_model, "policy_training": time.perf_counter() - t_policy}
+    return run.finish(states, policy, states.actor.params, phase_times_s=phase_times, dynamics=dynamics)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    common.cli(Args, main)

@@ -114,3 +114,21 @@ def test_speed_table(tmp_path):
     row = json.loads((tmp_path / "speed_t.json").read_text())["rows"][0]
     assert row["algorithm"] == "bc" and row["updates"] == 500 and row["updates_per_s"] > 0 and row["peak_rss_mb"] > 50
     assert "| bc | 1 |" in (tmp_path / "speed_t.md").read_text()
+
+
+def test_gpu_round_dry_run(tmp_path, tiny_dataset):
+    """benchmarks/gpu_round.sh at tiny sizes on the CPU: every step runs, and each finished step is packed into OUT."""
+    env = {**os.environ, "DRY": "1", "DATASET": str(tiny_dataset), "EVAL_ENV": "Pendulum-v1",
+           "GPU_ROUND_WORK": str(tmp_path / "work")}
+    r = subprocess.run(["bash", "benchmarks/gpu_round.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (tmp_path / "out" / "gpu_round.log").read_text()
+    assert "all done" in log and "(rc 0)" in log and "(rc 1)" not in log, log
+    import tarfile
+    with tarfile.open(tmp_path / "out" / "gpu_round.tar.gz") as t:
+        names = t.getnames()
+    assert "results/speed_h200.md" in names
+    for algo in ("iql", "td3bc"):
+        for tag in ("hopper-medium-replay-recipe", "walker2d-medium-expert-recipe"):
+            assert f"runs/gpu-1M/{algo}/{tag}/result.json" in names, names

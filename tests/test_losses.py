@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(algo: str):
-    spec = importlib.util.spec_from_file_location(f"algo_{algo}", ROOT / "algorithms" / f"{algo}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def iql():
-    return load("iql")
+    return load_script("iql")
 
 
 @pytest.fixture(scope="module")
 def td3bc():
-    return load("td3bc")
+    return load_script("td3bc")
 
 
 @pytest.fixture(scope="module")
 def cql():
-    return load("cql")
+    return load_script("cql")
 
 
 @pytest.fixture(scope="module")
 def awac():
-    return load("awac")
+    return load_script("awac")
 
 
 # ---- IQL ----
@@ -168,5 +156,5 @@ def test_awac_weights_and_clip(awac):
 
 # ---- BC ----
 def test_bc_loss():
-    bc = load("bc")
+    bc = load_script("bc")
     assert float(bc.bc_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]]))) == pytest.approx(0.5)

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
+import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RESULT_KEYS, load_script, random_dataset, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULT_KEYS = {"algorithm", "dataset", "source", "eval_env", "num_updates", "seeds", "last_return", "best_return",
-               "last_normalized", "best_normalized", "per_seed", "wall_time_s", "updates_per_s", "config",
-               "eval_history", "phase_times_s"}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "algorithms" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
+import common
 
 mopo = load_script("mopo")
 combo = load_script("combo")
+MB_RESULT_KEYS = RESULT_KEYS | {"phase_times_s", "dynamics"}
 
 
 # ---- Dynamics ensemble ----
@@ -106,7 +92,7 @@ def test_dynamics_model_file_roundtrip(linear_model, tmp_path):
     np.testing.assert_array_equal(loaded["elites"], model["elites"])
     s, a, _, _ = linear_system(10, seed=3)
     np.testing.assert_allclose(predict(combo, args, loaded, s, a)[0], predict(mopo, args, model, s, a)[0], rtol=1e-5)
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(common.RunError, match="does not match"):
         mopo.load_model(str(tmp_path / "m.msgpack"), {**meta, "obs_dim": 11})
 
 
@@ -136,9 +122,10 @@ def test_cql_logsumexp_and_conservative_term_by_hand():
     act_dim = 3
     vals = np.concatenate([q_rand[0] - act_dim * np.log(0.5), q_pi[0] - logp_pi[0], q_next[0] - logp_next[0]])
     expected = np.log(np.exp(vals).sum())
-    got = combo.cql_logsumexp(*(jnp.asarray(x) for x in (q_rand, q_pi, logp_pi, q_next, logp_next)), act_dim)
+    args = [jnp.asarray(x) for x in (q_rand, q_pi, q_next)] + [act_dim * np.log(0.5), jnp.asarray(logp_pi), jnp.asarray(logp_next)]
+    got = combo.cql_logsumexp(*args)  # cql.py's signature: q_rand, q_cur, q_next, log_prob_rand, log_prob_cur, log_prob_next
     np.testing.assert_allclose(got, [expected], rtol=1e-5)
-    got_t = combo.cql_logsumexp(*(jnp.asarray(x) for x in (q_rand, q_pi, logp_pi, q_next, logp_next)), act_dim, 2.0)
+    got_t = combo.cql_logsumexp(*args, temperature=2.0)
     np.testing.assert_allclose(got_t, [2.0 * np.log(np.exp(vals / 2.0).sum())], rtol=1e-5)
 
     push_down = np.array([[1.0, 3.0], [2.0, 4.0]])       # [2 critics, 2 model states]
@@ -182,7 +169,7 @@ def test_combo_regularizer_gradient_flows_through_push_down():
         obs = jnp.repeat(model_obs, n, 0)
         return critic.apply(params, obs, acts.reshape(b * n, act_dim)).reshape(2, b, n)
 
-    lse = combo.cql_logsumexp(q_at(rand_act), q_at(pi_act), pi_logp, q_at(next_act), next_logp, act_dim)
+    lse = combo.cql_logsumexp(q_at(rand_act), q_at(pi_act), q_at(next_act), act_dim * np.log(0.5), pi_logp, next_logp)
     expected = beta * (lse.mean(-1) - critic.apply(params, data_obs, data_act).mean(-1)).sum()
     np.testing.assert_allclose(reg(params)[0], expected, rtol=1e-5)
 
@@ -252,59 +239,65 @@ def test_termination_families():
 
 # ---- Presets ----
 def test_presets():
-    hp = mopo.resolve_hyperparameters(mopo.Args(), {"dataset": "walker2d-medium-replay-v2"})
-    assert (hp["horizon"], hp["penalty_coef"]) == (1, 1.0)
-    hp = mopo.resolve_hyperparameters(mopo.Args(horizon=3), {"dataset": "/tmp/x.hdf5"})
-    assert hp["preset"] == "default" and hp["horizon"] == 3
-    hp = combo.resolve_hyperparameters(combo.Args(), {"dataset": "hopper-medium-v2"})
-    assert (hp["horizon"], hp["beta"]) == (5, 5.0)
+    args = mopo.resolve_preset(mopo.Args(), {"dataset": "walker2d-medium-replay-v2"})
+    assert (args.horizon, args.penalty_coef) == (1, 1.0)
+    args = mopo.resolve_preset(mopo.Args(horizon=3), {"dataset": "/tmp/x.hdf5"})
+    assert args.preset == "default" and args.horizon == 3 and args.penalty_coef == 1.0
+    args = combo.resolve_preset(combo.Args(), {"dataset": "hopper-medium-v2"})
+    assert (args.horizon, args.beta) == (5, 5.0)
     # recipe data is keyed by its task name, not by a D4RL -v2 name
-    hp = mopo.resolve_hyperparameters(mopo.Args(), {"dataset": "walker2d-medium-replay-recipe", "task": "walker2d-medium-replay"})
-    assert hp["preset"] == "walker2d-medium-replay" and hp["horizon"] == 1
+    args = mopo.resolve_preset(mopo.Args(), {"dataset": "walker2d-medium-replay-recipe", "task": "walker2d-medium-replay"})
+    assert args.preset == "walker2d-medium-replay" and args.horizon == 1
     assert combo.Args().real_ratio == 0.5 and mopo.Args().real_ratio == 0.05
+    with pytest.raises(common.RunError, match="--horizon must be >= 1"):
+        mopo.resolve_preset(mopo.Args(horizon=0), {"dataset": "x"})
+
+
+# ---- The copies stay copies ----
+def test_shared_code_is_identical():
+    """The dynamics ensemble is copied into both files, the SAC networks and sampler and the CQL log-sum-exp from cql.py."""
+    cql = load_script("cql")
+    for name in ("termination_fn", "GaussianDynamics", "model_loss", "train_dynamics", "save_model", "load_model",
+                 "MLP", "DoubleCritic", "TanhGaussianActor", "sample_tanh_gaussian", "deterministic_action", "load_policy"):
+        assert inspect.getsource(getattr(mopo, name)) == inspect.getsource(getattr(combo, name)), name
+    for name in ("MLP", "DoubleCritic", "TanhGaussianActor", "sample_tanh_gaussian", "deterministic_action"):
+        assert inspect.getsource(getattr(combo, name)) == inspect.getsource(getattr(cql, name)), name
+    assert inspect.signature(combo.cql_logsumexp) == inspect.signature(cql.cql_logsumexp)
 
 
 # ---- Smoke runs of the scripts ----
 @pytest.fixture(scope="module")
 def hopper_dataset(tmp_path_factory) -> Path:
     """~2000 uniformly random Hopper-v4 transitions in D4RL layout (episodes cut at 100 steps by timeouts)."""
-    path = tmp_path_factory.mktemp("mb_data") / "hopper_random_tiny.hdf5"
-    env = gym.make("Hopper-v4")
-    rng = np.random.default_rng(0)
-    buf = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-    obs, _ = env.reset(seed=0)
-    t = ep = 0
-    while len(buf["rewards"]) < 2000:
-        a = rng.uniform(-1, 1, 3).astype(np.float32)
-        nobs, r, term, trunc, _ = env.step(a)
-        t += 1
-        trunc = (trunc or t >= 100) and not term
-        for k, v in zip(buf, (obs, a, r, nobs, term, trunc), strict=True):
-            buf[k].append(v)
-        obs = nobs
-        if term or trunc:
-            ep += 1
-            obs, _ = env.reset(seed=ep)
-            t = 0
-    with h5py.File(path, "w") as f:
-        for k, v in buf.items():
-            f.create_dataset(k, data=np.asarray(v, np.float32))
-    return path
+    return random_dataset(tmp_path_factory.mktemp("mb_data") / "hopper_random_tiny.hdf5", "Hopper-v4", n=2000, max_steps=100)
 
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> dict[str, str]:
     """A persistent compilation cache shared by the runs of one script (the second run reuses the executables)."""
     d = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(d), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    return {"JAX_COMPILATION_CACHE_DIR": str(d), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
-def run(algo: str, env: dict, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+def run(algo: str, env: dict, *args):
+    proc = run_script(algo, *args, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+@pytest.mark.parametrize("algo, argv, message", [
+    ("mopo", ["--num-elites", "9"], "error: --num-elites cannot exceed --ensemble-size"),
+    ("mopo", ["--horizon", "0"], "error: --horizon must be >= 1"),
+    ("combo", ["--real-ratio", "1.0"], "error: COMBO needs dataset and model transitions in every batch"),
+    ("combo", ["--model-load", "/nonexistent/dynamics.msgpack", "--num-updates", "10"],
+     "error: cannot load dynamics model /nonexistent/dynamics.msgpack"),
+])
+def test_bad_input_is_one_line(algo, argv, message, hopper_dataset, tmp_path):
+    proc = run_script(algo, "--dataset", hopper_dataset, "--eval-env", "Hopper-v4", "--eval-episodes", 1,
+                      "--log-dir", tmp_path, *argv)
+    last = proc.stderr.strip().splitlines()[-1]  # (Hopper-v4's deprecation warning may come before it)
+    assert proc.returncode == 1 and message in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("algo", ["mopo", "combo"])
@@ -317,7 +310,7 @@ def test_smoke_train_reload_model_and_resume(algo, hopper_dataset, jax_cache, tm
     run1 = tmp_path / "run1"
     run(algo, jax_cache, *common_args, "--num-updates", 100, "--model-epochs", 3, "--log-dir", run1)
     result = json.loads((run1 / "result.json").read_text())
-    assert RESULT_KEYS <= set(result)
+    assert MB_RESULT_KEYS <= set(result)
     assert result["algorithm"] == algo and result["num_updates"] == 100 and result["seeds"] == [0, 1]
     assert len(result["per_seed"]) == 2 and np.isfinite(result["last_return"])
     assert result["phase_times_s"]["model_training"] > 0 and result["phase_times_s"]["policy_training"] > 0
@@ -325,10 +318,13 @@ def test_smoke_train_reload_model_and_resume(algo, hopper_dataset, jax_cache, tm
     assert len(result["dynamics"]["elites"]) == 5 and result["hyperparameters"]["termination"] == "hopper"
     assert (run1 / "dynamics.msgpack").exists() and (run1 / "checkpoint.msgpack").exists()
     assert list(run1.glob("events.out.tfevents.*"))
+    act = load_script(algo).load_policy(str(run1 / "checkpoint.msgpack"), seed=1)
+    a = act(np.zeros(11, np.float32))
+    assert a.shape == (3,) and np.all(np.abs(a) <= 1.0)  # Hopper's action box
 
     # second run: reuse the dynamics model (no model training) and resume the agent from the checkpoint
     run2 = tmp_path / "run2"
-    proc = run(algo, jax_cache, *common_args, "--num-updates", 200, "--load-model", run1 / "dynamics.msgpack",
+    proc = run(algo, jax_cache, *common_args, "--num-updates", 200, "--model-load", run1 / "dynamics.msgpack",
                "--load", run1 / "checkpoint.msgpack", "--log-dir", run2)
     assert "loaded dynamics model" in proc.stdout and "restored" in proc.stdout
     assert "[dynamics] epoch" not in proc.stdout
@@ -341,9 +337,13 @@ def test_smoke_train_reload_model_and_resume(algo, hopper_dataset, jax_cache, tm
     if algo == "mopo":  # NaN guard (same code in combo): stop with an error, leave the last checkpoint untouched
         ckpt = run1 / "checkpoint.msgpack"
         before = ckpt.read_bytes()
-        proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), *map(str, common_args),
-                               "--num-updates", "100", "--load-model", str(run1 / "dynamics.msgpack"),
-                               "--debug-nan-at", "30", "--save-path", str(ckpt), "--log-dir", str(tmp_path / "run3")],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT, env=jax_cache)
-        assert proc.returncode != 0 and "non-finite critic_loss at update 30" in proc.stderr, proc.stderr[-2000:]
-        assert ckpt.read_bytes() == before
+        proc = run_script(algo, *common_args, "--num-updates", 100, "--model-load", run1 / "dynamics.msgpack",
+                          "--save-path", ckpt, "--log-dir", tmp_path / "run3", env={**jax_cache, "OFFRL_DEBUG_NAN_AT": "30"})
+        assert proc.returncode == 1 and "error: non-finite critic_loss at update 30" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and ckpt.read_bytes() == before
+
+        # --load alone resumes in the checkpoint's folder with its config and the dynamics model its run saved
+        proc = run(algo, jax_cache, "--load", ckpt, "--num-updates", 150)
+        assert "loaded dynamics model " + str(run1 / "dynamics.msgpack") in proc.stdout and "[dynamics] epoch" not in proc.stdout
+        result = json.loads((run1 / "result.json").read_text())
+        assert [h["update"] for h in result["eval_history"]] == [100, 150] and result["dynamics"]["loaded"]

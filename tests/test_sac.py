@@ -4,7 +4,6 @@ against the shipped behaviour-policy layout (recipe/build.py NumpyPolicy)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,23 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from recipe import build  # noqa: E402
 
 
-def load(algo: str):
-    spec = importlib.util.spec_from_file_location(f"algo_{algo}", ROOT / "algorithms" / f"{algo}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sac():
-    return load("sac")
+    return load_script("sac")
 
 
 # ---- Losses ----
