@@ -7,7 +7,7 @@ file> --eval-env Hopper-v4 --num-updates U --eval-interval U --eval-episodes 1`;
 `updates_per_s` (training only) and `compile_time_s` in result.json, and the child's rusage gives its
 peak resident memory. Speed does not depend on the data's values, so the file is random numbers.
 MOPO and COMBO are timed on their agent phase, with one dynamics ensemble trained first (one epoch,
-timed too) and loaded by every measurement through `--load-model`.
+timed too) and loaded by every measurement through `--model-load`.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ MODEL_BASED = ("mopo", "combo")
 
 
 def dynamics_model(data: Path, out: Path, extra: list[str]) -> tuple[Path, float]:
-    """Train one dynamics ensemble for one epoch (mopo.py, no agent updates); return its file and the epoch's seconds.
+    """Train one dynamics ensemble for one epoch (mopo.py, one agent update); return its file and the epoch's seconds.
 
-    MOPO and COMBO are then timed on their agent phase with `--load-model` (the agent's speed does not depend on
+    MOPO and COMBO are then timed on their agent phase with `--model-load` (the agent's speed does not depend on
     the model's quality); a real run trains the model first, for a time that grows with the dataset.
     """
     log, path = out / "dynamics", out / "dynamics.msgpack"
-    cmd = [sys.executable, "algorithms/mopo.py", "--dataset", str(data), "--eval-env", "Hopper-v4", "--num-updates", "0",
-           "--eval-episodes", "1", "--model-epochs", "1", "--model-path", str(path), "--log-dir", str(log), *extra]
+    cmd = [sys.executable, "algorithms/mopo.py", "--dataset", str(data), "--eval-env", "Hopper-v4", "--num-updates", "1",
+           "--eval-interval", "1", "--eval-episodes", "1", "--model-epochs", "1", "--model-save-path", str(path), "--log-dir", str(log), *extra]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0 or not path.exists():
         raise SystemExit(f"training the dynamics model failed:\n{p.stdout[-1000:]}{p.stderr[-1000:]}")
@@ -103,7 +103,7 @@ def main() -> None:
             model, model_epoch_s = dynamics_model(data, Path(tmp), a.extra.split())
         for algo in a.algos:
             for s in a.seeds:
-                extra = a.extra.split() + (["--load-model", str(model)] if algo in MODEL_BASED else [])
+                extra = a.extra.split() + (["--model-load", str(model)] if algo in MODEL_BASED else [])
                 row = measure(algo, s, max(500, a.seed_updates // s), data, Path(tmp), extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -116,7 +116,7 @@ def main() -> None:
              "Hopper-shaped data (100k transitions).",
              "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.",
              *([f"- MOPO/COMBO: the agent phase only (model rollouts included), with a dynamics ensemble loaded by "
-                f"`--load-model`; training that ensemble took {model_epoch_s:.0f} s per epoch on these 100k transitions "
+                f"`--model-load`; training that ensemble took {model_epoch_s:.0f} s per epoch on these 100k transitions "
                 "(a real run trains it first, for up to --model-max-time-s)."] if model else []),
              *([f"- Conditions: {a.note}"] if a.note else []), "",
              "| algorithm | seeds | updates/s (per seed) | seed-updates/s | compile (s) | 1M updates, train only | 1M updates + compile | peak RSS (MB) |",
