@@ -78,15 +78,22 @@ class Args:
 
 # ---- Networks ----
 class MLP(nn.Module):
+    """num_layers ReLU layers of hidden_dim, then a linear output; optionally LayerNorm before each ReLU
+    (Ball et al. 2023; JAX-CORL's TD3+BC critic) and orthogonal(sqrt 2) kernels (JAX-CORL) instead of lecun_normal."""
+
     hidden_dim: int
     num_layers: int
     out_dim: int
+    layer_norm: bool = False
+    orthogonal_init: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.orthogonal(jnp.sqrt(2.0)) if self.orthogonal_init else nn.initializers.lecun_normal()
         for _ in range(self.num_layers):
-            x = nn.relu(nn.Dense(self.hidden_dim)(x))
-        return nn.Dense(self.out_dim)(x)
+            x = nn.Dense(self.hidden_dim, kernel_init=init)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
+        return nn.Dense(self.out_dim, kernel_init=init)(x)
 
 
 class DeterministicActor(nn.Module):

@@ -87,19 +87,46 @@ class Args:
     """Actor Adam learning rate (TD3+BC paper, App. C: 3e-4)."""
     critic_lr: float = 3e-4
     """Critic Adam learning rate (TD3+BC paper, App. C: 3e-4)."""
+    critic_layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (JAX-CORL's TD3+BC; Ball et al. 2023). Off in the paper."""
+    orthogonal_init: bool = False
+    """Orthogonal(sqrt 2) kernels in every layer (JAX-CORL's TD3+BC) instead of flax's lecun_normal."""
+    max_transitions: int | None = None
+    """Train on a random subset of this many transitions, drawn with --seed (JAX-CORL: 1M). Default: all."""
+    episode_ends_terminal: bool = False
+    """Treat every episode end as terminal, time-limit cuts included (JAX-CORL's dones). Default: true terminations only."""
+
+
+def select_data(args: Args, data: dict[str, np.ndarray], info: dict) -> dict[str, np.ndarray]:
+    """JAX-CORL's data handling, as options (both off by default, as in the paper): every episode end terminal,
+    and a random subset of --max-transitions rows."""
+    if args.episode_ends_terminal:
+        data = dict(data, terminals=data["terminals"].copy())
+        data["terminals"][info["episode_ends"] - 1] = 1.0
+    if args.max_transitions is not None and args.max_transitions < len(data["rewards"]):
+        keep = np.random.default_rng(args.seed).permutation(len(data["rewards"]))[: args.max_transitions]
+        data = {k: v[keep] for k, v in data.items()}
+    return data
 
 
 # ---- Networks ----
 class MLP(nn.Module):
+    """num_layers ReLU layers of hidden_dim, then a linear output; optionally LayerNorm before each ReLU
+    (Ball et al. 2023; JAX-CORL's TD3+BC critic) and orthogonal(sqrt 2) kernels (JAX-CORL) instead of lecun_normal."""
+
     hidden_dim: int
     num_layers: int
     out_dim: int
+    layer_norm: bool = False
+    orthogonal_init: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.orthogonal(jnp.sqrt(2.0)) if self.orthogonal_init else nn.initializers.lecun_normal()
         for _ in range(self.num_layers):
-            x = nn.relu(nn.Dense(self.hidden_dim)(x))
-        return nn.Dense(self.out_dim)(x)
+            x = nn.Dense(self.hidden_dim, kernel_init=init)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
+        return nn.Dense(self.out_dim, kernel_init=init)(x)
 
 
 class DoubleCritic(nn.Module):
@@ -107,6 +134,8 @@ class DoubleCritic(nn.Module):
 
     hidden_dim: int
     num_layers: int
+    layer_norm: bool = False
+    orthogonal_init: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
@@ -119,7 +148,7 @@ class DoubleCritic(nn.Module):
             out_axes=0,
             axis_size=2,
         )
-        return ensemble(self.hidden_dim, self.num_layers, 1)(x)[..., 0]
+        return ensemble(self.hidden_dim, self.num_layers, 1, self.layer_norm, self.orthogonal_init)(x)[..., 0]
 
 
 class DeterministicActor(nn.Module):
@@ -128,10 +157,11 @@ class DeterministicActor(nn.Module):
     action_dim: int
     hidden_dim: int
     num_layers: int
+    orthogonal_init: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        return jnp.tanh(MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs))
+        return jnp.tanh(MLP(self.hidden_dim, self.num_layers, self.action_dim, orthogonal_init=self.orthogonal_init)(obs))
 
 
 def deterministic_action(actor_def: nn.Module, params: Any, obs: jax.Array) -> jax.Array:
@@ -172,7 +202,8 @@ class TD3BCState:
 
 
 def make_networks(args: Args, action_dim: int) -> tuple[DeterministicActor, DoubleCritic]:
-    return DeterministicActor(action_dim, args.hidden_dim, args.num_layers), DoubleCritic(args.hidden_dim, args.num_layers)
+    actor = DeterministicActor(action_dim, args.hidden_dim, args.num_layers, args.orthogonal_init)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm, args.orthogonal_init)
 
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], TD3BCState]:
@@ -298,6 +329,7 @@ def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
 # ---- Main ----
 def main(args: Args) -> dict:
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
+    data = select_data(args, data, info)
     run = common.Run(ALGORITHM, args, info, data, hyperparameters={"alpha": args.alpha})  # one set for every dataset (App. C)
     batch = jax.device_put(run.prep.arrays(data))  # on the device once (TD3+BC uses the raw rewards)
     states = run.restore(jax.vmap(make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim))(jnp.asarray(run.seeds)))
