@@ -169,24 +169,14 @@ def _read(path: Path, info: dict, kind: str) -> tuple[dict[str, np.ndarray], np.
 
 
 def _recipe_file(env_name: str, kind: str, build: bool, tried: list[str]) -> Path | None:
-    """The cached recipe dataset; built (or rebuilt when stale) from recipe/'s shipped behaviour policies."""
-    p = recipe_path(env_name, kind)
-    tried.append(f"recipe: {p}")
+    """The cached recipe dataset, built (or rebuilt when stale) by recipe/ (see recipe.build.cached_dataset)."""
+    tried.append(f"recipe: {recipe_path(env_name, kind)}")
     try:
         from recipe import build as builder
     except ImportError:
         tried.append("recipe: the recipe package is not importable")
-        return p if p.exists() else None
-    if not builder.available(env_name, kind):
-        tried.append(f"recipe: no shipped behaviour policy for {env_name}-{kind} ({builder.POLICY_DIR}), so it cannot be built")
-        return p if p.exists() else None
-    stale = p.exists() and builder.is_stale(p, env_name, kind)
-    if stale:
-        print(f"{p} was built from other behaviour policies than recipe/ ships now: "
-              + ("rebuilding it" if build else "loading it anyway (build=False)"))
-    if build and (stale or not p.exists()):
-        p = builder.build_dataset(f"{env_name}-{kind}", p)
-    return p if p.exists() else None
+        return None
+    return builder.cached_dataset(env_name, kind, recipe_path(env_name, kind), build, tried)
 
 
 def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None = None,
@@ -304,12 +294,11 @@ def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarra
     return returns
 
 
-# ---- The run harness: data preparation, evaluation, the run record, checkpoints ----
+# ---- The run harness: data preparation, the run record, checkpoints, the command line ----
 RESULT_KEYS = ("algorithm", "dataset", "source", "source_kind", "dataset_sha256", "eval_env", "num_updates", "seeds",
                "last_return", "best_return", "last_normalized", "best_normalized", "per_seed", "interrupted",
                "wall_time_s", "updates_per_s", "compile_time_s", "config", "hyperparameters", "eval_history")
-SCORES = ("last_return", "best_return", "last_normalized", "best_normalized")
-SECONDS_PER_CALL = 5.0  # target length of one device call: progress, and Ctrl-C, every few seconds
+SECONDS_PER_CALL = 5.0  # target length of one device call: a progress line, and Ctrl-C handled, every few seconds
 
 
 @dataclasses.dataclass
@@ -321,15 +310,15 @@ class Prep:
     act_low: np.ndarray
     act_high: np.ndarray
 
-    def __post_init__(self):
+    def __post_init__(self):  # also from a checkpoint's lists
         for k, v in vars(self).items():
             setattr(self, k, np.asarray(v, np.float32))
 
     @classmethod
     def fit(cls, data: dict[str, np.ndarray], action_space: gym.spaces.Box, normalize_states: bool) -> Prep:
         d = data["observations"].shape[1]
-        return cls(*(state_stats(data["observations"]) if normalize_states else (np.zeros(d), np.ones(d))),
-                   action_space.low, action_space.high)
+        stats = state_stats(data["observations"]) if normalize_states else (np.zeros(d), np.ones(d))
+        return cls(*stats, action_space.low, action_space.high)
 
     obs_dim = property(lambda self: len(self.obs_mean))
     act_dim = property(lambda self: len(self.act_low))
@@ -342,9 +331,9 @@ class Prep:
 
     def arrays(self, data: dict[str, np.ndarray], rewards: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The training arrays (put them on the device once): normalized states, [-1, 1] actions, rewards, terminals."""
-        return {"observations": (data["observations"] - self.obs_mean) / self.obs_std, "actions": self.to_unit(data["actions"]),
-                "rewards": np.asarray(data["rewards"] if rewards is None else rewards, np.float32),
-                "next_observations": (data["next_observations"] - self.obs_mean) / self.obs_std, "terminals": data["terminals"]}
+        obs = {k: (data[k] - self.obs_mean) / self.obs_std for k in ("observations", "next_observations")}
+        return {**obs, "actions": self.to_unit(data["actions"]), "terminals": data["terminals"],
+                "rewards": np.asarray(data["rewards"] if rewards is None else rewards, np.float32)}
 
 
 def policy_act(prep: Prep, action_fn: Callable[[jax.Array], jax.Array]) -> Callable[[np.ndarray], np.ndarray]:
@@ -353,24 +342,9 @@ def policy_act(prep: Prep, action_fn: Callable[[jax.Array], jax.Array]) -> Calla
     return lambda obs: prep.to_env(np.asarray(f(jnp.asarray(obs, jnp.float32))))
 
 
-def evaluate_policy(env, policy: Callable, params, info: dict, prep: Prep, num_seeds: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean return [S] and normalized score [S] of each seed; policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1]."""
-    act_fn = lambda o: prep.to_env(np.asarray(policy(params, jnp.asarray(o).reshape(num_seeds, -1, o.shape[-1]))).reshape(len(o), -1))
-    returns = evaluate(env, act_fn).reshape(num_seeds, -1)
-    norm = normalized_score(info, returns)
-    return returns.mean(1), None if norm is None else np.asarray(norm).mean(1)
-
-
-def save_checkpoint(path: Path, states, step: int, meta: dict) -> None:
-    """Atomic write of the train state, the update count and `meta` (config, Prep, dataset, log folder, evaluations)."""
-    state = flax.serialization.to_state_dict(states)
-    Path(f"{path}.tmp").write_bytes(flax.serialization.msgpack_serialize({"state": state, "step": step, "meta": json.dumps(meta)}))
-    os.replace(f"{path}.tmp", path)
-
-
 @lru_cache(maxsize=1)
 def read_checkpoint(path: str, algorithm: str | None = None) -> dict:
-    """{'state': raw state dict, 'step', 'meta'} of a checkpoint; a missing, foreign or corrupt file is a RunError."""
+    """{'state': the raw state dict, 'step', 'meta'} of a checkpoint; an unreadable or foreign file is a RunError."""
     try:
         raw = flax.serialization.msgpack_restore(Path(path).read_bytes())
         raw["meta"] = json.loads(raw["meta"])
@@ -387,8 +361,8 @@ def debug_nan_at() -> int:
 
 
 class Run:
-    """One run's record: eval env and Prep, log folder, TensorBoard, evals.csv, last/best, progress, checkpoints
-    (--load resumes in the same folder, with the same schedule) and result.json. Ctrl-C stops after the device call."""
+    """One run: its eval env and Prep, log folder (TensorBoard, evals.csv, result.json), last/best scores, progress
+    lines, and checkpoints that describe themselves (--load resumes in the same folder, with the same schedule)."""
 
     def __init__(self, algorithm: str, args, info: dict, data: dict[str, np.ndarray], hyperparameters: dict | None = None):
         for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes"):
@@ -399,24 +373,22 @@ class Run:
         self.algorithm, self.args, self.info, self.hp, self.t0 = algorithm, args, info, hyperparameters or {}, time.time()
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         self.env = make_eval_env(info, num_envs=args.num_seeds * args.eval_episodes, seed=args.seed)
-        meta = read_checkpoint(args.load, algorithm)["meta"] if args.load else {}
+        ckpt = read_checkpoint(args.load, algorithm) if args.load else {"meta": {}, "step": 0}
+        meta = ckpt["meta"]
         if meta and meta["dataset"].get("dataset_sha256") not in (None, info.get("dataset_sha256")):
-            print(f"[{algorithm}] warning: {args.load} was trained on other data than this {info['dataset']} (sha256 differs)")
+            print(f"[{algorithm}] warning: {args.load} was trained on other data than this {info['dataset']} (sha256)")
         self.prep = Prep(**meta["prep"]) if meta else Prep.fit(data, self.env.single_action_space, args.normalize_states)
         self.schedule_args = dataclasses.replace(args, num_updates=meta["schedule_updates"]) if meta else args
         tag = Path(str(info["dataset"])).stem if args.dataset else info["dataset"]
         self.log_dir = Path(args.log_dir or meta.get("log_dir") or f"runs/{algorithm}/{tag}/{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.save_path = Path(args.save_path or self.log_dir / "checkpoint.msgpack")
-        self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.log_dir, self.save_path.parent):
+            d.mkdir(parents=True, exist_ok=True)
         self.history = meta["history"] if meta and Path(meta["log_dir"]) == self.log_dir else []  # one curve per folder
         self.csv = self.log_dir / "evals.csv"
-        self.csv.write_text("update,seed,return,normalized\n")  # rewritten from the checkpoint's evaluations
-        for h in self.history:
-            self._csv_rows(h["update"], h["returns"], h["normalized"])
-        self.writer = Writer(str(self.log_dir))
-        self.step = self.saved_step = read_checkpoint(args.load)["step"] if meta else 0
-        self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = None, {}, 0.0, 0.0, 0
+        self.csv.write_text("update,seed,return,normalized\n" + "".join(self._csv_rows(h) for h in self.history))
+        self.writer, self.step = Writer(str(self.log_dir)), ckpt["step"]
+        self.saved_step, self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = self.step, None, {}, 0.0, 0.0, 0
         self.evaluated, self.stop, self.eval_time, self.last_line = False, False, 0.0, time.time()
         signal.signal(signal.SIGINT, self._on_sigint)
         label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
@@ -461,66 +433,74 @@ class Run:
         means, first_bad = jax.device_get((means, first_bad))
         dt = time.perf_counter() - t0
         self.train_time, self.trained = self.train_time + dt, self.trained + n
-        for k, m in means.items():
-            if not np.all(np.isfinite(m)):
-                self.writer.close()
-                where = f"update {self.step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
-                raise RunError(f"non-finite {k} at {where} (updates {self.step + 1}-{self.step + n}); stopped, "
-                               f"the last good checkpoint {self.save_path} is kept")
+        for k in [k for k, m in means.items() if not np.all(np.isfinite(m))][:1]:
+            self.writer.close()
+            where = f"update {self.step + int(first_bad[k]) + 1}" if first_bad[k] >= 0 else "an update"
+            raise RunError(f"non-finite {k} at {where} (updates {self.step + 1}-{self.step + n}); stopped, "
+                           f"the last good checkpoint {self.save_path} is kept")
         self.step += n
         for k, m in means.items():
             self.writer.add_scalar(f"train/{k}", float(np.mean(m)), self.step)
         if self.chunk is None:  # the first call measures the speed; later calls take ~SECONDS_PER_CALL
             self.chunk = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= n / dt * SECONDS_PER_CALL] or [1])
         if time.time() - self.last_line >= 10 and not self.eval_due:
-            print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._speed()}", flush=True)
-            self.last_line = time.time()
+            self._print(f"update {self.step}/{self.args.num_updates} | {self._speed()}")
         return states
+
+    def evaluate(self, policy: Callable, params) -> None:
+        """Each seed's deterministic policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1], E episodes each."""
+        t0, s = time.perf_counter(), len(self.seeds)
+        ret = evaluate(self.env, lambda o: self.prep.to_env(np.asarray(policy(params, jnp.asarray(o).reshape(s, -1, o.shape[-1])))
+                                                            .reshape(len(o), -1))).reshape(s, -1)
+        norm = normalized_score(self.info, ret)
+        ret, norm = ret.mean(1), None if norm is None else np.asarray(norm).mean(1)
+        self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
+        with open(self.csv, "a") as f:
+            f.write(self._csv_rows(self.history[-1]))
+        for name, x in (("return", ret), ("normalized", norm)):
+            for i, v in enumerate([] if x is None else [x.mean(), *x]):
+                self.writer.add_scalar(f"eval/{name}" + (f"/seed{i - 1}" if i else ""), float(v), self.step)
+        self.writer.flush()
+        self.evaluated, self.eval_time = True, time.perf_counter() - t0
+        self._print(f"update {self.step}/{self.args.num_updates} | {self._text(self.scores())} | eval {self.eval_time:.1f}s"
+                    + (f" | {self._speed()}" if self.trained else ""))
+
+    def scores(self) -> dict:
+        """Per-seed last and best return and normalized score over this folder's evaluations (None before any)."""
+        r, n = (np.array([h[k] for h in self.history]) if self.history and self.history[-1][k] is not None else None
+                for k in ("returns", "normalized"))
+        return {"last_return": None if r is None else r[-1], "best_return": None if r is None else r.max(0),
+                "last_normalized": None if n is None else n[-1], "best_normalized": None if n is None else n.max(0)}
+
+    def _csv_rows(self, h: dict) -> str:
+        return "".join(f"{h['update']},{s},{h['returns'][i]},{'' if h['normalized'] is None else h['normalized'][i]}\n"
+                       for i, s in enumerate(self.seeds))
 
     def _speed(self) -> str:
         ups, left = self.trained / max(self.train_time, 1e-9), self.args.num_updates - self.step
         eta = left / ups + left // self.args.eval_interval * self.eval_time
         return f"{ups:.0f} upd/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
 
-    def scores(self) -> dict:
-        """Per-seed last and best return and normalized score over this folder's evaluations (None before any)."""
-        r, n = np.array([h["returns"] for h in self.history]), [h["normalized"] for h in self.history]
-        n = np.array(n) if self.history and n[-1] is not None else None
-        return dict(zip(SCORES, (None, None) if not self.history else (r[-1], r.max(0)), strict=False)) | dict(
-            zip(SCORES[2:], (None, None) if n is None else (n[-1], n.max(0)), strict=True))
-
-    def _csv_rows(self, step: int, ret, norm) -> None:
-        with open(self.csv, "a") as f:
-            f.writelines(f"{step},{s},{ret[i]},{'' if norm is None else norm[i]}\n" for i, s in enumerate(self.seeds))
-
-    def evaluate(self, policy: Callable, params) -> None:
-        t0 = time.perf_counter()
-        ret, norm = evaluate_policy(self.env, policy, params, self.info, self.prep, len(self.seeds))
-        self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
-        self.evaluated = True
-        self._csv_rows(self.step, ret, norm)
-        for name, x in (("return", ret), ("normalized", norm)):
-            for i, v in enumerate([] if x is None else [x.mean(), *x]):
-                self.writer.add_scalar(f"eval/{name}" + (f"/seed{i - 1}" if i else ""), float(v), self.step)
-        self.writer.flush()
-        self.eval_time = time.perf_counter() - t0
-        print(f"[{self.algorithm}] update {self.step}/{self.args.num_updates} | {self._text(self.scores())} | "
-              f"eval {self.eval_time:.1f}s" + (f" | {self._speed()}" if self.trained else ""), flush=True)
-        self.last_line = time.time()
-
     def _text(self, sc: dict, i: int | None = None) -> str:
         """'return R ± sd (best B) | normalized N ± sd (best M)': the mean over seeds (i=None) or seed i; no ± for one."""
-        f = lambda k: f"{sc[k].mean() if i is None else sc[k][i]:.1f}" + (f" ± {sc[k].std():.1f}" if i is None and len(self.seeds) > 1 and "last" in k else "")
+        f = lambda k: f"{sc[k].mean() if i is None else sc[k][i]:.1f}" + (
+            f" ± {sc[k].std():.1f}" if i is None and len(self.seeds) > 1 and "last" in k else "")
         label = "recipe-normalized" if self.info["source_kind"] == "recipe" else "normalized"
         return f"return {f('last_return')} (best {f('best_return')})" + (
             "" if sc["last_normalized"] is None else f" | {label} {f('last_normalized')} (best {f('best_normalized')})")
 
+    def _print(self, msg: str) -> None:
+        print(f"[{self.algorithm}] {msg}", flush=True)
+        self.last_line = time.time()
+
     def save(self, states) -> None:
-        keys = ("dataset", "task", "source", "source_kind", "dataset_sha256", "eval_env")
-        save_checkpoint(self.save_path, states, self.step, {
-            "algorithm": self.algorithm, "config": dataclasses.asdict(self.args), "prep": {k: v.tolist() for k, v in vars(self.prep).items()},
-            "schedule_updates": self.schedule_args.num_updates, "dataset": {k: self.info.get(k) for k in keys},
-            "log_dir": str(self.log_dir), "seeds": self.seeds, "history": self.history})
+        """Atomic write: train state, update count and what resuming and load_policy need (config, Prep, data, folder)."""
+        meta = {"algorithm": self.algorithm, "config": dataclasses.asdict(self.args), "schedule_updates": self.schedule_args.num_updates,
+                "prep": {k: v.tolist() for k, v in vars(self.prep).items()}, "log_dir": str(self.log_dir), "seeds": self.seeds,
+                "dataset": {k: self.info.get(k) for k in ("dataset", "task", *RESULT_KEYS[2:6])}, "history": self.history}
+        blob = {"state": flax.serialization.to_state_dict(states), "step": self.step, "meta": json.dumps(meta)}
+        Path(f"{self.save_path}.tmp").write_bytes(flax.serialization.msgpack_serialize(blob))
+        os.replace(f"{self.save_path}.tmp", self.save_path)
         self.saved_step = self.step
 
     def finish(self, states, policy: Callable, params, **extra) -> dict:
@@ -534,17 +514,17 @@ class Run:
         result = {"algorithm": self.algorithm, **{k: self.info.get(k) for k in RESULT_KEYS[1:6]}, "num_updates": self.step,
                   "seeds": self.seeds, **{k: f(v) for k, v in sc.items()},
                   "per_seed": [{"seed": s, **{k: f(v, i) for k, v in sc.items()}} for i, s in enumerate(self.seeds)],
-                  "interrupted": self.stop, "wall_time_s": time.time() - self.t0,
-                  "updates_per_s": self.trained / self.train_time if self.train_time > 0 else None, "compile_time_s": self.compile_time,
+                  "interrupted": self.stop, "wall_time_s": time.time() - self.t0, "compile_time_s": self.compile_time,
+                  "updates_per_s": self.trained / self.train_time if self.train_time > 0 else None,
                   "config": dataclasses.asdict(self.args), "hyperparameters": self.hp, "eval_history": self.history, **extra}
         Path(f"{self.log_dir}/result.json.tmp").write_text(json.dumps(result, indent=2))
         os.replace(f"{self.log_dir}/result.json.tmp", self.log_dir / "result.json")
-        print(f"[{self.algorithm}] {'interrupted' if self.stop else 'done'} after {self.step} updates"
-              + (f": {self._text(sc)}" if self.history else "") + f"; result in {self.log_dir}", flush=True)
+        self._print(f"{'interrupted' if self.stop else 'done'} after {self.step} updates"
+                    + (f": {self._text(sc)}" if self.history else "") + f"; result in {self.log_dir}")
         for i, s in enumerate(self.seeds if len(self.seeds) > 1 and self.history else []):
-            print(f"[{self.algorithm}]   seed {s}: {self._text(sc, i)}")
+            self._print(f"  seed {s}: {self._text(sc, i)}")
         if self.stop:
-            print(f"[{self.algorithm}] resume with: python {sys.argv[0]} --load {self.save_path}")
+            self._print(f"resume with: python {sys.argv[0]} --load {self.save_path}")
         return result
 
 

@@ -383,3 +383,18 @@ def build_dataset(name: str, path: Path, n: int | None = None, seed: int = 0, pr
     write_d4rl(Path(path), arrays, meta)
     print(f"built {name}: {len(arrays['rewards'])} transitions -> {path} ({time.time() - t0:.0f}s, sha256 {digest[:16]})")
     return Path(path)
+
+
+def cached_dataset(env: str, kind: str, path: Path, build: bool, tried: list[str]) -> Path | None:
+    """common.load_dataset's recipe source: the file at `path`, built on first use (if `build`) and rebuilt when it
+    was built from other inputs than this checkout ships; None, with the reason appended to `tried`, if absent."""
+    if not available(env, kind):
+        tried.append(f"recipe: no shipped behaviour policy for {env}-{kind} ({POLICY_DIR}), so it cannot be built")
+        return path if path.exists() else None
+    stale = path.exists() and is_stale(path, env, kind)
+    if stale:
+        print(f"{path} was built from other behaviour policies than recipe/ ships now: "
+              + ("rebuilding it" if build else "loading it anyway (build=False)"))
+    if build and (stale or not path.exists()):
+        path = build_dataset(f"{env}-{kind}", path)
+    return path if path.exists() else None
