@@ -84,6 +84,8 @@ class Args:
     """Actor Adam learning rate (AWAC paper, App. C: 3e-4)."""
     critic_lr: float = 3e-4
     """Critic Adam learning rate (AWAC paper, App. C: 3e-4)."""
+    critic_layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (JAX-CORL's TD3+BC; Ball et al. 2023). Off in the paper."""
     fixed_std: bool = False
     """Keep the policy std fixed at exp(init_log_std) instead of learning the state-independent log-std."""
     init_log_std: float = 0.0
@@ -191,7 +193,7 @@ class AWACState:
 def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCritic]:
     actor = GaussianActor(action_dim, args.hidden_dim, args.num_layers, args.fixed_std, args.init_log_std,
                           args.log_std_min, args.log_std_max)
-    return actor, DoubleCritic(args.hidden_dim, args.num_layers)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm)
 
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], AWACState]:

@@ -82,6 +82,8 @@ class Args:
     """Actor Adam learning rate (CORL's Gym-MuJoCo setting 3e-5; the CQL paper's App. F uses 1e-4 / 3e-5)."""
     critic_lr: float = 3e-4
     """Critic Adam learning rate (CQL paper, App. F: 3e-4)."""
+    critic_layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (JAX-CORL's TD3+BC; Ball et al. 2023). Off in the paper."""
     alpha_lr: float = 3e-4
     """Adam learning rate of the SAC temperature log(alpha) and of the CQL Lagrange multiplier (CORL: 3e-4)."""
     target_entropy: float | None = None
@@ -260,7 +262,7 @@ class CQLState:
 
 def make_networks(args: Args, action_dim: int) -> tuple[TanhGaussianActor, DoubleCritic]:
     actor = TanhGaussianActor(action_dim, args.hidden_dim, args.num_layers, args.log_std_min, args.log_std_max)
-    return actor, DoubleCritic(args.hidden_dim, args.num_layers)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm)
 
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], CQLState]:

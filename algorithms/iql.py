@@ -88,6 +88,8 @@ class Args:
     """Actor Adam learning rate, cosine-decayed to 0 over --num-updates (App. B: 3e-4, cosine schedule)."""
     critic_lr: float = 3e-4
     """Critic Adam learning rate (IQL paper, App. B: 3e-4)."""
+    critic_layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (JAX-CORL's TD3+BC; Ball et al. 2023). Off in the paper."""
     value_lr: float = 3e-4
     """V-network Adam learning rate (App. B: 3e-4)."""
     log_std_min: float = -5.0
@@ -229,7 +231,7 @@ class IQLState:
 
 def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCritic, ValueNet]:
     actor = GaussianActor(action_dim, args.hidden_dim, args.num_layers, args.log_std_min, args.log_std_max)
-    return actor, DoubleCritic(args.hidden_dim, args.num_layers), ValueNet(args.hidden_dim, args.num_layers)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm), ValueNet(args.hidden_dim, args.num_layers)
 
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], IQLState]:

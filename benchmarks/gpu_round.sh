@@ -28,7 +28,7 @@ if [ -d .whl ] && [ -z "${DRY:-}" ]; then  # the GPU image has jax/flax/optax/ch
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -n "${DRY:-}" ]; then  # tiny sizes; DATASET (a D4RL-layout file) and EVAL_ENV stand in for the recipe names
-  updates=200; interval=100; episodes=1; seeds=2; speed_seeds="1 2"; speed_updates=400
+  updates=100; interval=100; episodes=1; seeds=2; speed_seeds="1"; speed_updates=200
   hopper=(--dataset "$DATASET" --eval-env "$EVAL_ENV"); walker=("${hopper[@]}"); small=(--hidden-dim 32)
   speed_extra="--hidden-dim 32"
 else
