@@ -1,12 +1,10 @@
-"""The shared layer of every algorithm file: datasets, normalization, scores, eval envs, and the run harness.
+"""The shared layer of every algorithm file: datasets, normalization, scores, eval envs, and the run harness (README.md: the API).
 
-    data, info = load_dataset("hopper-medium")                   # by name: d4rl, then minari, then recipe
+    data, info = load_dataset("hopper-medium")                   # by name: d4rl, then minari, then recipe (recipe/: NOT D4RL's data)
     data, info = load_dataset("my.hdf5", eval_env="Hopper-v4")   # any D4RL-layout file or Minari folder
 
-`data`: float32 arrays observations, actions, rewards, next_observations, terminals (no bootstrap) and timeouts
-(bootstrap). `info`: where the data came from (`source`, `source_kind`), the env to evaluate in, the D4RL reference
-returns and the episode ends. Recipe data is this project's own D4RL-recipe dataset, NOT the D4RL one (recipe/).
-The harness (Prep, Run, cli, checkpoints) is what every algorithm's `main` is made of; README.md lists the API.
+`data`: float32 observations, actions, rewards, next_observations, terminals (no bootstrap) and timeouts (bootstrap); `info`: the
+source, the env to evaluate in, the D4RL reference returns and the episode ends. Prep, Run and cli make up every algorithm's `main`.
 """
 
 from __future__ import annotations
@@ -54,8 +52,7 @@ def parse_name(name: str) -> tuple[str, str]:
     """'hopper-medium-replay-v2' -> ('hopper', 'medium-replay')."""
     m = re.fullmatch(r"([a-z0-9]+)-([a-z-]+?)(?:-v2)?", name)
     if m is None or m.group(1) not in ENVS or m.group(2) not in KINDS:
-        names = [f"{e}-{k}" for e in ENVS for k in KINDS]
-        close = difflib.get_close_matches(name.removesuffix("-v2"), names, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name.removesuffix("-v2"), [f"{e}-{k}" for e in ENVS for k in KINDS], n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise DatasetError(f"unknown dataset name {name!r}{hint}. Names are <env>-<kind>[-v2] with env in "
                            f"{'/'.join(ENVS)} and kind in {'/'.join(KINDS)} (`python -m recipe list` shows which this "
@@ -94,32 +91,25 @@ def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     except OSError as e:
         raise DatasetError(f"{path}: cannot read as HDF5 ({e}); the file may be truncated or corrupt") from e
     n = len(raw["observations"])
-    raw.setdefault("timeouts", np.zeros(n))
-    raw["rewards"], raw["terminals"], raw["timeouts"] = (raw[k].reshape(-1) for k in ("rewards", "terminals", "timeouts"))
+    raw.update({k: raw.get(k, np.zeros(n)).reshape(-1) for k in ("rewards", "terminals", "timeouts")})
     _check(raw, str(path))
     obs, term, tout = raw["observations"], raw["terminals"] > 0, raw["timeouts"] > 0
+    raw["terminals"], raw["timeouts"], keep = term, tout, np.ones(n, bool)
     if "next_observations" in raw:
         # an episode also ends where the next row does not continue this one (files that flag no timeout)
-        jump = np.zeros(n, bool)
-        jump[:-1] = np.abs(obs[1:] - raw["next_observations"][:-1]).max(1) > 1e-6
+        jump = np.append(np.abs(obs[1:] - raw["next_observations"][:-1]).max(1) > 1e-6, False)
         ends = np.flatnonzero(term | tout | jump) + 1
-        keep = np.ones(n, bool)
     else:
-        # old files: next state = next row, only inside an episode; a timeout's true next state
-        # is unknown, so that row is dropped, and so is the last row of a cut-off file
-        nxt = np.concatenate([obs[1:], obs[-1:]])
-        raw["next_observations"] = np.where(term[:, None], obs, nxt)  # terminal: masked by (1 - d) anyway
-        keep = ~tout
-        keep[-1] = bool(term[-1])
+        # old files: next state = next row, only inside an episode (a terminal's is masked by (1 - d) anyway); a timeout's
+        # true next state is unknown, so that row is dropped, and so is the last row of a cut-off file
+        raw["next_observations"] = np.where(term[:, None], obs, np.concatenate([obs[1:], obs[-1:]]))
+        keep = np.append(~tout[:-1], term[-1])
         ends = np.flatnonzero(term | tout) + 1
     ends = np.union1d(ends, [n]).astype(np.int64)
-    data = {k: raw[k].astype(np.float32) for k in KEYS}
-    data["terminals"], data["timeouts"] = term.astype(np.float32), tout.astype(np.float32)
-    if not keep.all():
-        data = {k: v[keep] for k, v in data.items()}
+    if not keep.all():  # renumber the ends past the dropped rows
         ends = np.unique(np.cumsum(keep)[ends - 1])
         ends = ends[ends > 0]
-    return data, ends
+    return {k: raw[k][keep].astype(np.float32) for k in KEYS}, ends
 
 
 def read_minari(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
@@ -168,17 +158,6 @@ def _read(path: Path, info: dict, kind: str) -> tuple[dict[str, np.ndarray], np.
     return data, ends
 
 
-def _recipe_file(env_name: str, kind: str, build: bool, tried: list[str]) -> Path | None:
-    """The cached recipe dataset, built (or rebuilt when stale) by recipe/ (see recipe.build.cached_dataset)."""
-    tried.append(f"recipe: {recipe_path(env_name, kind)}")
-    try:
-        from recipe import build as builder
-    except ImportError:
-        tried.append("recipe: the recipe package is not importable")
-        return None
-    return builder.cached_dataset(env_name, kind, recipe_path(env_name, kind), build, tried)
-
-
 def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None = None,
                  build: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Load a dataset by name (see module doc), path or Minari id. Returns (data, info).
@@ -210,37 +189,39 @@ def load_dataset(name_or_path: str, source: str = "auto", eval_env: str | None =
     else:
         env_name, kind = parse_name(name_or_path)
         tried, data = [], None
-        for src, find in (("d4rl", lambda: d4rl_path(env_name, kind)), ("minari", lambda: minari_path(env_name, kind)),
-                          ("recipe", lambda: _recipe_file(env_name, kind, build, tried))):
-            if data is None and source in ("auto", src):
-                p = find()
-                if src != "recipe":
-                    tried.append(f"{src}: {p}")
-                if p is not None and p.exists():
-                    data, ends = _read(p, info, src)
+        for src, where in (("d4rl", d4rl_path), ("minari", minari_path), ("recipe", recipe_path)):
+            if data is not None or source not in ("auto", src):
+                continue
+            p = where(env_name, kind)
+            tried.append(f"{src}: {p}")
+            if src == "recipe":  # recipe/ builds the file, or rebuilds it when stale (see recipe.build.cached_dataset)
+                try:
+                    from recipe import build as builder
+                except ImportError:
+                    tried.append("recipe: the recipe package is not importable")
+                    continue
+                p = builder.cached_dataset(env_name, kind, p, build, tried)
+            if p is not None and p.exists():
+                data, ends = _read(p, info, src)
         if data is None:
-            raise DatasetError(
-                f"dataset {env_name}-{kind} not found. Looked in:\n  " + "\n  ".join(tried) +
-                "\nTo get one: put the D4RL file there (set $D4RL_DATASET_DIR), or a Minari dataset "
-                "($MINARI_DATASETS_PATH), or build the recipe dataset: python -m recipe build " + f"{env_name}-{kind}")
+            raise DatasetError(f"dataset {env_name}-{kind} not found. Looked in:\n  " + "\n  ".join(tried) + "\nTo get one: put the D4RL "
+                               "file there (set $D4RL_DATASET_DIR), or a Minari dataset ($MINARI_DATASETS_PATH), or build the recipe "
+                               f"dataset: python -m recipe build {env_name}-{kind}")
         info["eval_env"] = info["eval_env"] or ENVS[env_name]
         # the name says where the data came from: only D4RL's own files are called -v2
         info["dataset"] = f"{env_name}-{kind}-" + ("v2" if info["source_kind"] == "d4rl" else info["source_kind"])
         info["task"] = f"{env_name}-{kind}"  # the same for every source: keys per-dataset presets
-    if env_name in REF_RETURNS:
-        info["ref_min_score"], info["ref_max_score"] = REF_RETURNS[env_name]
+    info["ref_min_score"], info["ref_max_score"] = REF_RETURNS.get(env_name, (None, None))
     if env_name == "ant" and data["observations"].shape[1] == 111:  # D4RL's Ant keeps contact forces
         info["eval_env_kwargs"] = {"use_contact_forces": True}
-    info["episode_ends"] = ends
-    info["obs_dim"], info["act_dim"] = data["observations"].shape[1], data["actions"].shape[1]
+    info.update(episode_ends=ends, obs_dim=data["observations"].shape[1], act_dim=data["actions"].shape[1])
     return data, info
 
 
 def episode_returns(data: dict[str, np.ndarray], info: dict) -> np.ndarray:
     """Undiscounted return of each episode (the last one may be cut off)."""
     csum = np.concatenate([[0.0], np.cumsum(data["rewards"], dtype=np.float64)])
-    ends = info["episode_ends"]
-    return csum[ends] - csum[np.concatenate([[0], ends[:-1]])]
+    return np.diff(csum[np.concatenate([[0], info["episode_ends"]])])
 
 
 # ---- Scores and normalization ----
@@ -264,15 +245,14 @@ def state_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray
 def make_eval_env(info: dict, num_envs: int, seed: int = 0) -> gym.vector.SyncVectorEnv:
     """A vector env of `num_envs` copies of the dataset's eval env, checked against the data's sizes."""
     if info.get("eval_env_spec"):
-        spec = gym.envs.registration.EnvSpec.from_json(info["eval_env_spec"])
-        fns = [lambda: gym.make(spec)] * num_envs
+        make = lambda: gym.make(gym.envs.registration.EnvSpec.from_json(info["eval_env_spec"]))
     else:
         try:
             gym.spec(info["eval_env"])
         except gym.error.Error as e:
             raise DatasetError(f"unknown gymnasium env {info['eval_env']!r}: {e}") from e
-        fns = [lambda: gym.make(info["eval_env"], **info["eval_env_kwargs"])] * num_envs
-    env = gym.vector.SyncVectorEnv(fns)
+        make = lambda: gym.make(info["eval_env"], **info["eval_env_kwargs"])
+    env = gym.vector.SyncVectorEnv([make] * num_envs)
     o, a = env.single_observation_space.shape, env.single_action_space.shape
     if o != (info["obs_dim"],) or a != (info["act_dim"],):
         raise DatasetError(f"eval env {info['eval_env']} has observation shape {o} and action shape {a}, "
@@ -284,8 +264,7 @@ def make_eval_env(info: dict, num_envs: int, seed: int = 0) -> gym.vector.SyncVe
 def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarray], seed: int | None = None) -> np.ndarray:
     """Run one episode in every sub-env with act_fn(obs) -> env actions; return the undiscounted returns [num_envs]."""
     obs, _ = env.reset(seed=seed)
-    n = env.num_envs
-    returns, done = np.zeros(n), np.zeros(n, bool)
+    returns, done = np.zeros(env.num_envs), np.zeros(env.num_envs, bool)
     while not done.all():
         action = np.asarray(act_fn(obs.astype(np.float32)))  # in env units (Prep.to_env clips once)
         obs, r, term, trunc, _ = env.step(action)
@@ -361,8 +340,7 @@ def debug_nan_at() -> int:
 
 
 class Run:
-    """One run: its eval env and Prep, log folder (TensorBoard, evals.csv, result.json), last/best scores, progress
-    lines, and checkpoints that describe themselves (--load resumes in the same folder, with the same schedule)."""
+    """One run: eval env, Prep, log folder (TensorBoard, evals.csv, result.json), scores, progress, resumable checkpoints."""
 
     def __init__(self, algorithm: str, args, info: dict, data: dict[str, np.ndarray], hyperparameters: dict | None = None):
         for name in ("num_seeds", "batch_size", "eval_interval", "eval_episodes"):
@@ -385,8 +363,7 @@ class Run:
         for d in (self.log_dir, self.save_path.parent):
             d.mkdir(parents=True, exist_ok=True)
         self.history = meta["history"] if meta and Path(meta["log_dir"]) == self.log_dir else []  # one curve per folder
-        self.csv = self.log_dir / "evals.csv"
-        self.csv.write_text("update,seed,return,normalized\n" + "".join(self._csv_rows(h) for h in self.history))
+        self._write_evals()
         self.writer, self.step = Writer(str(self.log_dir)), ckpt["step"]
         self.saved_step, self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = self.step, None, {}, 0.0, 0.0, 0
         self.evaluated, self.stop, self.eval_time, self.last_line = False, False, 0.0, time.time()
@@ -441,8 +418,9 @@ class Run:
         self.step += n
         for k, m in means.items():
             self.writer.add_scalar(f"train/{k}", float(np.mean(m)), self.step)
-        if self.chunk is None:  # the first call measures the speed; later calls take ~SECONDS_PER_CALL
-            self.chunk = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= n / dt * SECONDS_PER_CALL] or [1])
+        fit = max([c * 10**e for e in range(8) for c in (1, 2, 5) if c * 10**e <= n / dt * SECONDS_PER_CALL] or [1])
+        if self.chunk is None or (fit >= 5 * self.chunk and len(self.compiled) <= 2):  # sized by the first calls' speed
+            self.chunk = fit
         if time.time() - self.last_line >= 10 and not self.eval_due:
             self._print(f"update {self.step}/{self.args.num_updates} | {self._speed()}")
         return states
@@ -455,8 +433,7 @@ class Run:
         norm = normalized_score(self.info, ret)
         ret, norm = ret.mean(1), None if norm is None else np.asarray(norm).mean(1)
         self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
-        with open(self.csv, "a") as f:
-            f.write(self._csv_rows(self.history[-1]))
+        self._write_evals()
         for name, x in (("return", ret), ("normalized", norm)):
             for i, v in enumerate([] if x is None else [x.mean(), *x]):
                 self.writer.add_scalar(f"eval/{name}" + (f"/seed{i - 1}" if i else ""), float(v), self.step)
@@ -472,9 +449,10 @@ class Run:
         return {"last_return": None if r is None else r[-1], "best_return": None if r is None else r.max(0),
                 "last_normalized": None if n is None else n[-1], "best_normalized": None if n is None else n.max(0)}
 
-    def _csv_rows(self, h: dict) -> str:
-        return "".join(f"{h['update']},{s},{h['returns'][i]},{'' if h['normalized'] is None else h['normalized'][i]}\n"
-                       for i, s in enumerate(self.seeds))
+    def _write_evals(self) -> None:
+        rows = [f"{h['update']},{s},{h['returns'][i]},{'' if h['normalized'] is None else h['normalized'][i]}\n"
+                for h in self.history for i, s in enumerate(self.seeds)]
+        (self.log_dir / "evals.csv").write_text("update,seed,return,normalized\n" + "".join(rows))
 
     def _speed(self) -> str:
         ups, left = self.trained / max(self.train_time, 1e-9), self.args.num_updates - self.step

@@ -43,15 +43,17 @@ def test_ctrl_c_saves_and_resume_keeps_folder_and_schedule(tiny_dataset, tmp_pat
            "--num-updates", "1000000", "--eval-interval", "100000", "--log-dir", str(log_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     deadline = time.time() + 180
     while not any("upd/s | ETA" in x for x in lines) and time.time() < deadline:  # a progress line: it is training
         time.sleep(0.2)
     assert any("upd/s | ETA" in x for x in lines), "".join(lines)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
-    out = "".join(lines)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)  # the reader thread alone reads stdout, to its end
+    err, out = proc.stderr.read(), "".join(lines)
     assert time.time() - t0 < 30, "Ctrl-C took longer than one short device call"
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
     result = json.loads((log_dir / "result.json").read_text())
