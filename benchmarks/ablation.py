@@ -31,6 +31,7 @@ VARIANTS = {
     "layer_norm": ["--critic-layer-norm"],
     "subset_1M": ["--max-transitions", "1000000"],
     "ends_terminal": ["--episode-ends-terminal"],
+    "lr_1e-3+layer_norm": ["--actor-lr", "1e-3", "--critic-lr", "1e-3", "--critic-layer-norm"],
     "jax_corl": ["--actor-lr", "1e-3", "--critic-lr", "1e-3", "--orthogonal-init", "--critic-layer-norm",
                  "--max-transitions", "1000000", "--episode-ends-terminal"],
 }
@@ -57,7 +58,7 @@ def main() -> None:
         cmd = [sys.executable, f"algorithms/{a.algo}.py", "--env", a.dataset, "--num-seeds", str(a.num_seeds),
                "--num-updates", str(a.num_updates), "--eval-interval", str(a.eval_interval),
                "--eval-episodes", str(a.eval_episodes), "--log-dir", str(cell), *VARIANTS[v], *a.extra.split()]
-        commands[v] = shlex.join(["python", *cmd[1:]])
+        commands[v] = shlex.join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")
         done = (cell / "result.json").exists() and not json.loads((cell / "result.json").read_text())["interrupted"]
         if done:
             print(f"skip {v}: done")

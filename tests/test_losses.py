@@ -158,3 +158,26 @@ def test_awac_weights_and_clip(awac):
 def test_bc_loss():
     bc = load_script("bc")
     assert float(bc.bc_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]]))) == pytest.approx(0.5)
+
+
+def test_td3bc_presets_and_jax_corl_data_options(td3bc):
+    fast = td3bc.resolve_preset(td3bc.Args(preset="fast"), {})
+    assert (fast.actor_lr, fast.critic_lr, fast.critic_layer_norm) == (1e-3, 1e-3, True)
+    assert td3bc.resolve_preset(td3bc.Args(preset="fast", actor_lr=5e-4), {}).actor_lr == 5e-4  # a flag wins
+    assert td3bc.resolve_preset(td3bc.Args(), {}) == td3bc.Args()  # paper: unchanged
+    data = {"rewards": np.arange(10.0), "terminals": np.zeros(10)}
+    info = {"episode_ends": np.array([4, 10])}
+    out = td3bc.select_data(td3bc.Args(episode_ends_terminal=True), data, info)
+    np.testing.assert_array_equal(np.flatnonzero(out["terminals"]), [3, 9])
+    assert data["terminals"].sum() == 0  # the caller's arrays are not modified
+    sub = td3bc.select_data(td3bc.Args(max_transitions=4, seed=1), data, info)
+    assert len(sub["rewards"]) == 4 and len(set(sub["rewards"])) == 4 and set(sub["rewards"]) <= set(range(10))
+
+
+def test_mlp_layer_norm_and_orthogonal_init(td3bc):
+    x = jnp.ones((5, 3))
+    plain, ln = td3bc.MLP(8, 2, 1), td3bc.MLP(8, 2, 1, layer_norm=True, orthogonal_init=True)
+    p_plain, p_ln = plain.init(jax.random.PRNGKey(0), x), ln.init(jax.random.PRNGKey(0), x)
+    assert "LayerNorm_0" in p_ln["params"] and "LayerNorm_0" not in p_plain["params"]
+    k = np.asarray(p_ln["params"]["Dense_1"]["kernel"])  # orthogonal(sqrt 2): K^T K = 2 I for a square kernel
+    np.testing.assert_allclose(k.T @ k, 2.0 * np.eye(8), atol=1e-5)
