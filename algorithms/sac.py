@@ -333,11 +333,73 @@ def crossed(step: int, k: int, interval: int) -> bool:
     return step // interval != (step - k) // interval
 
 
+def restore(path: str, state: TrainState, buf: dict[str, np.ndarray]) -> tuple[TrainState, int, int, int]:
+    """--load: the train state (old layouts upgraded), step, buffer pointer and episode count; the buffer in place."""
+    with open(path, "rb") as f:
+        blob = flax.serialization.msgpack_restore(f.read())
+    state = flax.serialization.from_state_dict(state, upgrade_checkpoint(blob["state"]))
+    with np.load(Path(path).with_suffix(".buffer.npz")) as z:
+        for k in BUFFER_KEYS:
+            if k in z.files:  # buffers of older runs have no env_index
+                buf[k][: len(z[k])] = z[k]
+    print(f"resumed from {path} at step {int(blob['step'])}")
+    return state, int(blob["step"]), int(blob["ptr"]), int(blob["episode"])
+
+
+def save_checkpoint(save_path: Path, state: TrainState, buf: dict[str, np.ndarray], step: int, ptr: int, episode: int) -> None:
+    """The train state and the filled part of the replay buffer (beside it), each written atomically."""
+    n = min(ptr, len(buf["rewards"]))
+    atomic_write(save_path.with_suffix(".buffer.npz"), lambda f: np.savez(f, **{k: v[:n] for k, v in buf.items()}))
+    blob = {"state": flax.serialization.to_state_dict(jax.device_get(state)), "step": step, "ptr": ptr, "episode": episode}
+    atomic_write(save_path, lambda f: f.write(flax.serialization.msgpack_serialize(blob)))
+
+
+def step_envs(args: Args, envs: list, buf: dict[str, np.ndarray], obs: np.ndarray, a: np.ndarray, logp: np.ndarray,
+              ptr: int, episode: int, ep_ret: np.ndarray, ep_len: np.ndarray, writer: Writer, step: int) -> tuple[int, int]:
+    """One step of every env; each transition (with its MuJoCo state and the action's log-prob) goes into the buffer."""
+    for i, env in enumerate(envs):
+        qpos, qvel = env.unwrapped.data.qpos.copy(), env.unwrapped.data.qvel.copy()
+        nobs, r, term, trunc, _ = env.step(a[i])
+        j = ptr % args.buffer_size
+        for k, v in (("observations", obs[i]), ("actions", a[i]), ("rewards", r), ("next_observations", nobs),
+                     ("terminals", term), ("timeouts", trunc and not term), ("qpos", qpos), ("qvel", qvel),
+                     ("action_log_probs", logp[i]), ("env_index", i)):
+            buf[k][j] = v
+        ptr, ep_ret[i], ep_len[i] = ptr + 1, ep_ret[i] + r, ep_len[i] + 1
+        obs[i] = nobs
+        if term or trunc:
+            writer.add_scalar("train/episode_return", ep_ret[i], step + i + 1)
+            writer.add_scalar("train/episode_length", ep_len[i], step + i + 1)
+            obs[i] = env.reset(seed=args.seed + episode)[0]
+            episode, ep_ret[i], ep_len[i] = episode + 1, 0.0, 0
+    return ptr, episode
+
+
+def snapshot(args: Args, act, state: TrainState, metrics: dict | None, writer: Writer, log_dir: Path, step: int,
+             record: dict) -> None:
+    """Log the train metrics (stopping on a non-finite one), evaluate the actor both ways and save it as a snapshot."""
+    for k, v in (metrics or {}).items():
+        if not np.isfinite(v := float(v)):
+            raise FloatingPointError(f"SAC {k} is {v} at step {step}; last good checkpoint: {args.save_path or log_dir / 'checkpoint.msgpack'}")
+        writer.add_scalar(f"train/{k}", v, step)
+    stoch = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, False)
+    det = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, True)
+    for k, v in (("eval/return_stochastic", stoch), ("eval/return_deterministic", det), ("train/steps_per_s", record["sps"])):
+        writer.add_scalar(k, v, step)
+    params = export_actor(state.actor)  # the layout of the shipped policies
+    snap = log_dir / "snapshots" / f"actor_{step:08d}.npz"
+    atomic_write(snap, lambda f, p=params: np.savez(f, **p))
+    with open(log_dir / "snapshots.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "return_stochastic": stoch, "return_deterministic": det, "replay_size": record["ptr"],
+                            "episodes": record["episode"], "wall_time_s": record["wall_time_s"], "file": snap.name}) + "\n")
+    print(f"step {step:>8d} | stoch {stoch:8.1f} | det {det:8.1f} | {record['sps']:6.1f} steps/s | {record['wall_time_s']:7.0f}s", flush=True)
+    writer.flush()
+
+
 def main(args: Args) -> None:
     log_dir = Path(args.log_dir or f"runs/sac/{args.env}/{args.seed}")
     (log_dir / "snapshots").mkdir(parents=True, exist_ok=True)
     save_path = Path(args.save_path or log_dir / "checkpoint.msgpack")
-    buffer_path = save_path.with_suffix(".buffer.npz")
     dev = jax.devices()[0]
     hardware = f"{getattr(dev, 'device_kind', dev.platform)} ({dev.platform}), {os.cpu_count()} CPU cores"
     (log_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "hardware": hardware}, indent=2))
@@ -347,29 +409,13 @@ def main(args: Args) -> None:
     obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     assert np.allclose(envs[0].action_space.high, 1.0), "SAC here assumes actions in [-1, 1]"
     init, update_and_act, act = make_agent(args, obs_dim, act_dim)
-    update_and_act = jax.jit(update_and_act, donate_argnums=0)
-    act = jax.jit(act, static_argnums=3)
-
+    update_and_act, act = jax.jit(update_and_act, donate_argnums=0), jax.jit(act, static_argnums=3)
     state = init(jax.random.PRNGKey(args.seed))
-    uws = [e.unwrapped for e in envs]
-    buf = new_buffer(args.buffer_size, obs_dim, act_dim, uws[0].data.qpos.size, uws[0].data.qvel.size)
+    data = envs[0].unwrapped.data
+    buf = new_buffer(args.buffer_size, obs_dim, act_dim, data.qpos.size, data.qvel.size)
     step, ptr, episode = 0, 0, 0
     if args.load:
-        with open(args.load, "rb") as f:
-            blob = flax.serialization.msgpack_restore(f.read())
-        state = flax.serialization.from_state_dict(state, upgrade_checkpoint(blob["state"]))
-        step, ptr, episode = int(blob["step"]), int(blob["ptr"]), int(blob["episode"])
-        with np.load(Path(args.load).with_suffix(".buffer.npz")) as z:
-            for k in BUFFER_KEYS:
-                if k in z.files:  # buffers of older runs have no env_index
-                    buf[k][: len(z[k])] = z[k]
-        print(f"resumed from {args.load} at step {step}")
-
-    def save_checkpoint() -> None:
-        n = min(ptr, args.buffer_size)
-        atomic_write(buffer_path, lambda f: np.savez(f, **{k: v[:n] for k, v in buf.items()}))
-        blob = {"state": flax.serialization.to_state_dict(jax.device_get(state)), "step": step, "ptr": ptr, "episode": episode}
-        atomic_write(save_path, lambda f: f.write(flax.serialization.msgpack_serialize(blob)))
+        state, step, ptr, episode = restore(args.load, state, buf)
 
     writer = Writer(str(log_dir))
     rng = np.random.default_rng(args.seed + step)
@@ -379,9 +425,7 @@ def main(args: Args) -> None:
         episode += 1
     ep_ret, ep_len = np.zeros(K), np.zeros(K, int)
     t0, t_last, step_last, metrics = time.time(), time.time(), step, None
-    snapshots_file = log_dir / "snapshots.jsonl"
     while step < args.total_steps:
-        qpos, qvel = [u.data.qpos.copy() for u in uws], [u.data.qvel.copy() for u in uws]
         if step < args.learning_starts:
             a, logp = rng.uniform(-1, 1, (K, act_dim)).astype(np.float32), np.full(K, act_dim * np.log(0.5))
         else:  # K updates on K minibatches sampled from the buffer (host), then the next K actions
@@ -389,49 +433,16 @@ def main(args: Args) -> None:
             batches = {k: buf[k][idx] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
             state, metrics, a, logp = update_and_act(state, batches, obs)
             a, logp = jax.device_get((a, logp))
-        for i, env in enumerate(envs):
-            nobs, r, term, trunc, _ = env.step(a[i])
-            j = ptr % args.buffer_size
-            for k, v in (("observations", obs[i]), ("actions", a[i]), ("rewards", r), ("next_observations", nobs),
-                         ("terminals", term), ("timeouts", trunc and not term), ("qpos", qpos[i]), ("qvel", qvel[i]),
-                         ("action_log_probs", logp[i]), ("env_index", i)):
-                buf[k][j] = v
-            ptr, ep_ret[i], ep_len[i] = ptr + 1, ep_ret[i] + r, ep_len[i] + 1
-            obs[i] = nobs
-            if term or trunc:
-                writer.add_scalar("train/episode_return", ep_ret[i], step + i + 1)
-                writer.add_scalar("train/episode_length", ep_len[i], step + i + 1)
-                obs[i] = env.reset(seed=args.seed + episode)[0]
-                episode, ep_ret[i], ep_len[i] = episode + 1, 0.0, 0
+        ptr, episode = step_envs(args, envs, buf, obs, a, logp, ptr, episode, ep_ret, ep_len, writer, step)
         step += K
         out_of_time = args.max_time_s > 0 and time.time() - t0 > args.max_time_s
-
         if crossed(step, K, args.snapshot_interval) or out_of_time or step >= args.total_steps:
-            if metrics is not None:
-                for k, v in metrics.items():
-                    v = float(v)
-                    if not np.isfinite(v):
-                        raise FloatingPointError(f"SAC {k} is {v} at step {step}; last good checkpoint: {save_path}")
-                    writer.add_scalar(f"train/{k}", v, step)
             sps = (step - step_last) / (time.time() - t_last)
-            stoch = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, False)
-            det = evaluate(args.env, act, state.actor, args.eval_episodes, 10_000 + step, True)
+            snapshot(args, act, state, metrics, writer, log_dir, step, {"sps": sps, "ptr": ptr, "episode": episode,
+                                                                         "wall_time_s": time.time() - t0})
             t_last, step_last = time.time(), step
-            writer.add_scalar("eval/return_stochastic", stoch, step)
-            writer.add_scalar("eval/return_deterministic", det, step)
-            writer.add_scalar("train/steps_per_s", sps, step)
-            params = export_actor(state.actor)  # the layout of the shipped policies
-            snap = log_dir / "snapshots" / f"actor_{step:08d}.npz"
-            atomic_write(snap, lambda f, p=params: np.savez(f, **p))
-            with open(snapshots_file, "a") as f:
-                f.write(json.dumps({"step": step, "return_stochastic": stoch, "return_deterministic": det,
-                                    "replay_size": ptr, "episodes": episode, "wall_time_s": time.time() - t0,
-                                    "file": snap.name}) + "\n")
-            print(f"step {step:>8d} | stoch {stoch:8.1f} | det {det:8.1f} | {sps:6.1f} steps/s | {time.time() - t0:7.0f}s", flush=True)
-            writer.flush()
-
         if crossed(step, K, args.checkpoint_interval) or out_of_time or step >= args.total_steps:
-            save_checkpoint()
+            save_checkpoint(save_path, state, buf, step, ptr, episode)
         if out_of_time:
             print(f"stopped at step {step}: --max-time-s {args.max_time_s} reached (checkpoint saved)")
             break
