@@ -21,10 +21,11 @@ out=$(cd "$out" && pwd)
 work=${GPU_ROUND_WORK:-/tmp/gpu_round}
 mkdir -p "$work/runs/gpu-1M" "$work/results"
 log="$out/gpu_round.log"
+py=${PYTHON:-python3}  # the GPU image's python3 holds jax; the dry-run test passes its own interpreter
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # two scripts share the GPU
 export OFFRL_DATA_DIR=${OFFRL_DATA_DIR:-$work/data}
 if [ -d .whl ] && [ -z "${DRY:-}" ]; then  # the GPU image has jax/flax/optax/chex/h5py/tensorboard, not gymnasium/mujoco/tyro
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -n "${DRY:-}" ]; then  # tiny sizes; DATASET (a D4RL-layout file) and EVAL_ENV stand in for the recipe names
@@ -40,20 +41,20 @@ fi
 say() { echo "[gpu_round $(date -u +%H:%M:%S)] $*" | tee -a "$log"; }
 pack() { tar czf "$out/gpu_round.tar.gz.tmp" -C "$work" runs results && mv "$out/gpu_round.tar.gz.tmp" "$out/gpu_round.tar.gz"; }
 say "start; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no GPU')"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> "$log" 2>&1
+"$py" -c "import jax; print('jax', jax.__version__, jax.devices())" >> "$log" 2>&1
 
 # 0. datasets, in the background (the speed table needs none)
 build_pids=()
 if [ -z "${DRY:-}" ]; then
   for ds in hopper-medium-replay walker2d-medium-expert; do
-    python3 -m recipe build "$ds" > "$work/build-$ds.log" 2>&1 &
+    "$py" -m recipe build "$ds" > "$work/build-$ds.log" 2>&1 &
     build_pids+=($!)
   done
 fi
 
 # 1. speed table
 say "1. speed table: IQL, seeds $speed_seeds"
-python3 benchmarks/speed.py --label h200 --algos iql --seeds $speed_seeds --seed-updates "$speed_updates" \
+"$py" benchmarks/speed.py --label h200 --algos iql --seeds $speed_seeds --seed-updates "$speed_updates" \
   --out-dir "$work/results" --note "gpu_round.sh step 1; dataset builds running on the CPU meanwhile" --extra "$speed_extra" \
   >> "$log" 2>&1
 say "1. done (rc $?)"; pack
@@ -66,7 +67,7 @@ grid() {  # grid STEP DATASET_TAG BUILD_PID ARGS...
   for algo in iql td3bc; do
     local cell="$work/runs/gpu-1M/$algo/$tag"
     mkdir -p "$cell"
-    python3 "algorithms/$algo.py" "$@" --num-seeds "$seeds" --num-updates "$updates" --eval-interval "$interval" \
+    "$py" "algorithms/$algo.py" "$@" --num-seeds "$seeds" --num-updates "$updates" --eval-interval "$interval" \
       --eval-episodes "$episodes" --log-dir "$cell" ${small[@]+"${small[@]}"} > "$cell/stdout.log" 2>&1 &
     pids+=($!)
   done

@@ -118,7 +118,7 @@ def test_speed_table(tmp_path):
 
 def test_gpu_round_dry_run(tmp_path, tiny_dataset):
     """benchmarks/gpu_round.sh at tiny sizes on the CPU: every step runs, and each finished step is packed into OUT."""
-    env = {**os.environ, "DRY": "1", "DATASET": str(tiny_dataset), "EVAL_ENV": "Pendulum-v1",
+    env = {**os.environ, "DRY": "1", "DATASET": str(tiny_dataset), "EVAL_ENV": "Pendulum-v1", "PYTHON": sys.executable,
            "GPU_ROUND_WORK": str(tmp_path / "work")}
     r = subprocess.run(["bash", "benchmarks/gpu_round.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
