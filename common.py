@@ -403,6 +403,7 @@ class Run:
         step0 = jnp.asarray(self.step, jnp.int32)
         if n not in self.compiled:  # AOT compile, timed apart from training throughput
             t0 = time.perf_counter()
+            self._print(f"compiling a device call of {n} updates")
             self.compiled[n] = train_chunk.lower(states, data, step0, *extra, num_steps=n).compile()
             self.compile_time += time.perf_counter() - t0
         t0 = time.perf_counter()
