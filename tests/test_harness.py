@@ -68,10 +68,8 @@ def test_ctrl_c_saves_and_resume_keeps_folder_and_schedule(tiny_dataset, tmp_pat
     assert result["num_updates"] == done + 50 and result["interrupted"] is False
     assert [h["update"] for h in result["eval_history"]] == [done + 50]
     meta = common.read_checkpoint(str(log_dir / "checkpoint.msgpack"))["meta"]
-    assert meta["schedule_updates"] == 1000000 and meta["log_dir"] == str(log_dir)
-    iql = load_script("iql")
-    lr = float(iql.optax.cosine_decay_schedule(3e-4, 1000000)(done + 50))
-    assert lr > 2.99e-4  # (a schedule over done + 50 updates would be at 0 here)
+    assert meta["config"]["num_updates"] == done + 50  # this run's budget ...
+    assert meta["schedule_updates"] == 1000000 and meta["log_dir"] == str(log_dir)  # ... on the original schedule
 
 
 def test_load_policy_reproduces_the_evaluation(tiny_dataset, tmp_path) -> None:
