@@ -321,17 +321,21 @@ def policy_act(prep: Prep, action_fn: Callable[[jax.Array], jax.Array]) -> Calla
     return lambda obs: prep.to_env(np.asarray(f(jnp.asarray(obs, jnp.float32))))
 
 
-@lru_cache(maxsize=1)
 def read_checkpoint(path: str, algorithm: str | None = None) -> dict:
     """{'state': the raw state dict, 'step', 'meta'} of a checkpoint; an unreadable or foreign file is a RunError."""
     try:
-        raw = flax.serialization.msgpack_restore(Path(path).read_bytes())
-        raw["meta"] = json.loads(raw["meta"])
+        raw = _read_checkpoint(str(path), Path(path).stat().st_mtime_ns)  # read once per version of the file
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"cannot read checkpoint {path}: {e}") from None
     if algorithm and raw["meta"]["algorithm"] != algorithm:
         raise RunError(f"{path} is a {raw['meta']['algorithm']} checkpoint, not {algorithm}")
     return raw
+
+
+@lru_cache(maxsize=1)
+def _read_checkpoint(path: str, mtime_ns: int) -> dict:
+    raw = flax.serialization.msgpack_restore(Path(path).read_bytes())
+    return {**raw, "meta": json.loads(raw["meta"])}
 
 
 def debug_nan_at() -> int:
