@@ -40,7 +40,7 @@ def test_preset_lists_choices() -> None:
 def test_ctrl_c_saves_and_resume_keeps_folder_and_schedule(tiny_dataset, tmp_path) -> None:
     log_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "algorithms" / "iql.py"), "--dataset", str(tiny_dataset), *TINY,
-           "--num-updates", "1000000", "--eval-interval", "100000", "--log-dir", str(log_dir)]
+           "--num-updates", "1000000", "--eval-interval", "1000000", "--log-dir", str(log_dir)]  # no evaluation before Ctrl-C
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
