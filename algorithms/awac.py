@@ -94,6 +94,8 @@ class Args:
     """Lower clip of the policy log-std (CORL: -20)."""
     log_std_max: float = 2.0
     """Upper clip of the policy log-std (CORL: 2)."""
+    tanh_mean: bool = True
+    """Squash the Gaussian mean with tanh into the action box (CORL's awac.py: no squashing)."""
 
 
 # ---- Networks ----
@@ -139,7 +141,8 @@ class DoubleCritic(nn.Module):
 
 
 class GaussianActor(nn.Module):
-    """pi(a|s) = N(tanh(mu(s)), exp(log_std)) with a state-independent log-std, learned or fixed."""
+    """pi(a|s) = N(tanh(mu(s)), exp(log_std)) (or N(mu(s), .) without tanh_mean) with a state-independent
+    log-std, learned or fixed."""
 
     action_dim: int
     hidden_dim: int
@@ -148,10 +151,12 @@ class GaussianActor(nn.Module):
     init_log_std: float
     log_std_min: float
     log_std_max: float
+    tanh_mean: bool = True
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean = jnp.tanh(MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs))
+        mean = MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs)
+        mean = jnp.tanh(mean) if self.tanh_mean else mean
         if self.fixed_std:
             return mean, jnp.full((self.action_dim,), self.init_log_std)
         log_std = self.param("log_std", nn.initializers.constant(self.init_log_std), (self.action_dim,))
@@ -159,8 +164,8 @@ class GaussianActor(nn.Module):
 
 
 def deterministic_action(actor_def: nn.Module, params: Any, obs: jax.Array) -> jax.Array:
-    """Evaluation action: the Gaussian mean."""
-    return actor_def.apply(params, obs)[0]
+    """Evaluation action: the Gaussian mean, clipped to the action box."""
+    return jnp.clip(actor_def.apply(params, obs)[0], -1.0, 1.0)
 
 
 # ---- Losses ----
@@ -192,7 +197,7 @@ class AWACState:
 
 def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCritic]:
     actor = GaussianActor(action_dim, args.hidden_dim, args.num_layers, args.fixed_std, args.init_log_std,
-                          args.log_std_min, args.log_std_max)
+                          args.log_std_min, args.log_std_max, args.tanh_mean)
     return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm)
 
 
@@ -287,7 +292,7 @@ def make_train_chunk(update: Callable) -> Callable:
 
 # ---- Evaluation and use ----
 def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
-    """Deterministic policy (the tanh mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
+    """Deterministic policy (the Gaussian mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
 
     @jax.jit
     def policy(params: Any, obs: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from conftest import write_d4rl
 from stats import iqm, stratified_bootstrap_ci
 
 
@@ -132,3 +133,33 @@ def test_gpu_round_dry_run(tmp_path, tiny_dataset):
     for algo in ("iql", "td3bc"):
         for tag in ("hopper-medium-replay-recipe", "walker2d-medium-expert-recipe"):
             assert f"runs/gpu-1M/{algo}/{tag}/result.json" in names, names
+
+
+def test_reference_shims(tmp_path):
+    """benchmarks/reference/shim: d4rl.qlearning_dataset drops a timed-out episode's last step (d4rl's semantics),
+    the old gym API steps our eval env, and wandb.log lines land in the log file."""
+    obs = np.arange(12, dtype=np.float32).reshape(6, 2)
+    term = np.array([0, 1, 0, 0, 0, 0], bool)
+    tout = np.array([0, 0, 0, 1, 0, 0], bool)  # episodes: rows 0-1 (terminal), 2-3 (timeout), 4-5 (cut at the end)
+    f = write_d4rl(tmp_path / "d.hdf5", {"observations": obs, "actions": np.zeros((6, 3), np.float32),
+                                         "rewards": np.arange(6, dtype=np.float32), "terminals": term, "timeouts": tout})
+    code = f"""
+import json, os, numpy as np, gym, d4rl, wandb
+env = gym.make("hopper-medium-replay-v2")
+d = d4rl.qlearning_dataset(env)
+assert d["rewards"].tolist() == [0, 1, 2, 4], d["rewards"]
+assert d["next_observations"].tolist() == [[2, 3], [4, 5], [6, 7], [10, 11]]
+assert d["terminals"].tolist() == [False, True, False, False]
+env = gym.wrappers.TransformObservation(env, lambda s: s * 0)
+env.seed(3); o1 = env.reset()
+assert o1.shape == (11,) and not o1.any()
+obs, r, done, info = env.step(np.zeros(3))
+assert isinstance(r, float) and isinstance(done, bool)
+wandb.init(config={{"a": 1}}); wandb.log({{"eval_score": np.float32(2.5)}}, step=9)
+print(open(os.environ["OFFRL_REF_LOG"]).read())
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "reference" / "shim"), "OFFRL_REF_DATASET": str(f),
+           "OFFRL_REF_EVAL_ENV": "Hopper-v4", "OFFRL_REF_LOG": str(tmp_path / "log.jsonl")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[1]) == {"step": 9, "eval_score": 2.5}
