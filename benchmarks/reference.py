@@ -107,7 +107,7 @@ def main() -> None:
              f"- Command: `python benchmarks/reference.py {shlex.join(sys.argv[1:])}`", "",
              "| seed | last | best | curve | wall time |", "|---|---|---|---|---|",
              *[f"| {r['seed']} | {c[-1]:.1f} | {c.max():.1f} | {' / '.join(f'{x:.1f}' for x in c)} | {r['wall_time_s']:.0f} s |"
-               for r, c in zip(results, curves)],
+               for r, c in zip(results, curves, strict=True)],
              f"| mean ± std | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | "
              f"{' / '.join(f'{x:.1f}' for x in curves.mean(0))} | |", "",
              "Per-seed commands:", "", *[f"- seed {r['seed']}: `{r['command']}`" for r in results]]

@@ -143,7 +143,7 @@ def test_reference_shims(tmp_path):
     tout = np.array([0, 0, 0, 1, 0, 0], bool)  # episodes: rows 0-1 (terminal), 2-3 (timeout), 4-5 (cut at the end)
     f = write_d4rl(tmp_path / "d.hdf5", {"observations": obs, "actions": np.zeros((6, 3), np.float32),
                                          "rewards": np.arange(6, dtype=np.float32), "terminals": term, "timeouts": tout})
-    code = f"""
+    code = """
 import json, os, numpy as np, gym, d4rl, wandb
 env = gym.make("hopper-medium-replay-v2")
 d = d4rl.qlearning_dataset(env)
@@ -155,7 +155,7 @@ env.seed(3); o1 = env.reset()
 assert o1.shape == (11,) and not o1.any()
 obs, r, done, info = env.step(np.zeros(3))
 assert isinstance(r, float) and isinstance(done, bool)
-wandb.init(config={{"a": 1}}); wandb.log({{"eval_score": np.float32(2.5)}}, step=9)
+wandb.init(config={"a": 1}); wandb.log({"eval_score": np.float32(2.5)}, step=9)
 print(open(os.environ["OFFRL_REF_LOG"]).read())
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "reference" / "shim"), "OFFRL_REF_DATASET": str(f),
