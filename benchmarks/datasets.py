@@ -2,6 +2,7 @@
 
     python benchmarks/datasets.py                 # the recipe datasets already built (in $OFFRL_DATA_DIR)
     python benchmarks/datasets.py --build         # build every buildable one first
+    python benchmarks/datasets.py --envs          # measure nothing: re-render the table from datasets.json
 
 Writes benchmarks/results/datasets.md and datasets.json (read by aggregate.py for "does offline
 RL beat the data?").
@@ -10,6 +11,7 @@ RL beat the data?").
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -23,6 +25,16 @@ import common
 from recipe import build
 
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
+# D4RL v2's sizes (sourced, see its size_source column) and approximate mean normalized returns (unsourced: a band)
+D4RL = {r["dataset"].removesuffix("-v2"): r for r in csv.DictReader(open(ROOT / "benchmarks" / "d4rl_dataset_stats.csv"))}
+
+
+def d4rl_cells(name: str) -> str:
+    r = D4RL.get(name)
+    if r is None:
+        return "| | "
+    approx = f"≈ {r['approx_mean_normalized_return']}" if r["approx_mean_normalized_return"] else ""
+    return f"| {int(r['transitions_after_qlearning']):,} | {approx} "
 
 
 def policy_rows() -> list[str]:
@@ -39,7 +51,7 @@ def policy_rows() -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", action="store_true", help="build the missing buildable datasets first")
-    p.add_argument("--envs", nargs="+", default=list(build.ENV_IDS),
+    p.add_argument("--envs", nargs="*", default=list(build.ENV_IDS),
                    help="measure these envs; the rows of other envs are kept from the previous datasets.json")
     a = p.parse_args()
     out = ROOT / "benchmarks" / "results"
@@ -64,8 +76,8 @@ def main() -> None:
                 "sha256": info.get("dataset_sha256"), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     table = {f"{e}-{k}": table[f"{e}-{k}"] for e in build.ENV_IDS for k in KINDS if f"{e}-{k}" in table}
     lines = [f"| {name} | {t['transitions']:,} | {t['episodes']:,} | {t['mean_return']:.0f} | {t['min_return']:.0f} "
-             f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} | {t['terminals']:,} | {t['timeouts']:,} | {t.get('date', 'unknown')} |"
-             for name, t in table.items()]
+             f"| {t['max_return']:.0f} | {t['mean_normalized']:.1f} {d4rl_cells(name)}| {t['terminals']:,} | {t['timeouts']:,} "
+             f"| {t.get('date', 'unknown')} |" for name, t in table.items()]
     (out / "datasets.json").write_text(json.dumps(table, indent=2))
     md = ["# D4RL-recipe datasets", "",
           "**Self-generated with the D4RL paper's recipe on gymnasium v4 envs. These are NOT the D4RL datasets.**", "",
@@ -73,14 +85,17 @@ def main() -> None:
           + (f"; the {', '.join(kept)} rows are kept from the previous run (date column)" if kept else ""),
           "- Episode returns are undiscounted; every K_ENVS stream's last episode is cut off (a timeout) and still counted.",
           "- Normalized: D4RL's 100 (R - R_random) / (R_expert - R_random) with D4RL's reference returns.",
-          "- D4RL's own per-dataset figures (its episode counts and returns) are not listed: no sourced copy was available "
-          "offline, and numbers from memory are not printed here. The recipe matches D4RL's sizes (1M; medium-expert 2M).",
+          "- D4RL v2 beside ours, from benchmarks/d4rl_dataset_stats.csv: its transitions after `d4rl.qlearning_dataset` "
+          "(which drops each timed-out episode's last step; ours count every row), sourced from the d4rl-to-minari probe "
+          "(WillDudley/d4rl-to-minari, dataset_probing_output.csv); and its mean normalized return, **approximate and unsourced** "
+          "(commonly reported values, no sourced copy offline): read it as a band, not a figure.",
           "- SAC wall time: from the start of the run to the snapshot, on the hardware named in the policy table. Hopper: one env on "
           "the 2-core CPU shared with other jobs (about 100 env steps/s). HalfCheetah and Walker2d: 8 envs in lockstep with 8 "
           "updates per device call (`--num-envs 8`), the two runs at the same time on the 2-core CPU (about 100 env steps/s "
           "each, evaluation included), 5400 s each (recipe/logs/).", "",
-          "| dataset | transitions | episodes | mean return | min | max | mean normalized | terminals | timeouts | measured |",
-          "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+          "| dataset | transitions | episodes | mean return | min | max | mean normalized | D4RL v2 transitions "
+          "| D4RL v2 mean normalized (approx.) | terminals | timeouts | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines, "",
           "## Behaviour policies (recipe/policies)", "",
           "Returns of the SAC snapshot when it was taken: stochastic (as the data is sampled) and deterministic, "
           "mean of 5 episodes.", "",
