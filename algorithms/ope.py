@@ -1,0 +1,826 @@
+"""Off-policy evaluation (OPE) -- single-file JAX/Flax implementation: the value of saved policies from a dataset alone.
+
+    python algorithms/ope.py --env hopper-medium --policies runs/iql/.../checkpoint.msgpack runs/cql/.../checkpoint.msgpack:1
+    python algorithms/ope.py --env hopper-medium --policies recipe:hopper-medium recipe:hopper-expert --estimators fqe dr
+    python algorithms/ope.py --dataset my.hdf5 --eval-env Hopper-v4 --policies ckpt.msgpack --behavior bc --out ope.json
+    python algorithms/ope.py --env hopper-medium --policies ckpt.msgpack --estimators is pdis wis --discount 1.0  # undiscounted
+
+    from ope import dope_metrics; dope_metrics(true_values, estimates)   # DOPE's metrics of a family of policies
+
+Estimators (`--estimators`, default all), every one of the SAME quantity, defined once:
+
+    J(pi) = E[ sum_t gamma^t r_t ],  s_0 ~ the dataset's initial states, a_t ~ pi(.|s_t)     (--discount gamma, default 0.99)
+
+    is        trajectory-wise importance sampling (Precup, Sutton & Singh 2000)
+    pdis      per-decision importance sampling (Precup et al. 2000)
+    wis       self-normalized per-decision IS: the cumulative ratios normalized over trajectories at each step
+              (Thomas 2015, PhD thesis: CWPDIS)
+    dr        doubly robust, per-decision form (Jiang & Li 2016; Thomas & Brunskill 2016), with FQE's Q as its model
+    fqe       fitted Q evaluation (Le, Voloshin & Yue 2019): the mean over the initial states of E_{a~pi} Q(s_0, a)
+    dualdice  DualDICE (Nachum, Chow, Dai & Li 2019): J = E_D[w(s,a) r] / (1 - gamma), w = d^pi / d^D
+
+The IS family weighs each recorded episode as it is, so it estimates the return up to the episode's end: a terminal ends it
+(absorbing, zero reward after), and a timeout-cut episode, like the file's cut-off last one, simply ends there. FQE and
+DualDICE bootstrap through timeouts and estimate the infinite-horizon value; with gamma = 0.99 and 1000-step episodes the
+difference, gamma^1000 = 4e-5 of the value, is negligible. FQE and DualDICE need gamma < 1 (`--discount 1.0`, the
+undiscounted return that online evaluation reports, is for is/pdis/wis only). `discounted_returns` computes the same
+quantity from episodes, for the online ground truth.
+
+Which policy is evaluated. A deterministic policy has no density, so importance sampling cannot weigh it. Every policy is
+therefore evaluated as the Gaussian pi(a|s) = N(mu(s), sigma^2 I) in the normalized action box [-1, 1] (the units every
+algorithm trains in, common.Prep.to_unit), mu(s) the checkpoint's deterministic action and sigma = --policy-std (0.1, as
+DOPE's reference code, google-research/policy_eval, --target_policy_std). The env clips actions to its box; the densities
+here do not model that (IS weighs the data's in-box actions by the unclipped Gaussian density), while FQE and DualDICE
+sample the executed action clip(mu + sigma eps, -1, 1). THE ONLINE GROUND TRUTH MUST RUN THIS SAME NOISY POLICY, clipped
+by the env, not the deterministic one: `Prep.to_env(mu + sigma * eps)`.
+
+Behaviour policy (for is/pdis/wis/dr). Recipe datasets (recipe/) store the exact log-density of every action under the SAC
+behaviour policy that took it (`infos/action_log_probs`); `--behavior auto` uses those for recipe files and otherwise fits a
+state-conditioned diagonal Gaussian by maximum likelihood (behaviour cloning, --bc-updates); `logged`/`bc` force one. The
+output records which (`"behavior"`). Both are turned into [-1, 1] units, the units of pi's density.
+
+Policies (`--policies`): `PATH` or `PATH:SEED` (a checkpoint of any algorithms/<name>.py with a `load_policy`; SEED is the
+run within a --num-seeds checkpoint, default 0) or `recipe:<env>-<medium|expert>` (a shipped behaviour policy; its
+deterministic action is tanh(mean)). Each policy's mean action is computed once, on the host, on every observation and next
+observation; FQE and DualDICE then train all policies in one jitted program, vmapped over policies (`jax.lax.scan` chunks,
+minibatches sampled on the device), whichever algorithm the policies come from.
+
+Output: one console line per policy and estimator, and a JSON file (--out; default runs/ope/<dataset>/<time>.json) with,
+per policy, the spec, algorithm, each estimate and its wall time, the IS weight diagnostics (the largest and smallest
+trajectory weight, in log space too, and the effective sample size (sum w)^2 / sum w^2 of the trajectory weights), and
+the behaviour source.
+
+Not in this file yet (issue #16, next stage): the model-based estimator and the benchmark report (online ground truth of
+the same noisy policies, the DOPE metrics per task and estimator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import flax
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # common.py beside me first
+import common  # noqa: E402
+
+ALGORITHM = "ope"
+ESTIMATORS = ("is", "pdis", "wis", "dr", "fqe", "dualdice")
+IS_FAMILY = ("is", "pdis", "wis", "dr")
+UPDATES_PER_CALL = 1000  # FQE/DualDICE/BC updates per device call (one jax.lax.scan)
+ROWS_PER_BATCH = 1024  # rows per vmapped batch when a network is evaluated on the whole dataset (jax.lax.map)
+
+
+# ---- Config ----
+@dataclass
+class Args:
+    env: str = "hopper-medium-v2"
+    """Dataset name <env>-<kind>[-v2]: env hopper/halfcheetah/walker2d/ant, kind random/medium/expert/medium-replay/medium-expert/full-replay."""
+    dataset: str | None = None
+    """A D4RL-layout HDF5 file, a Minari dataset folder or a Minari dataset id, instead of --env."""
+    eval_env: str | None = None
+    """Gymnasium id to evaluate in, e.g. Hopper-v4. Default: the env the dataset names or records."""
+    source: Literal["auto", "d4rl", "minari", "recipe"] = "auto"
+    """Where a named dataset is looked up: auto tries d4rl, minari, then recipe (this project's D4RL-recipe data)."""
+    policies: list[str] = dataclasses.field(default_factory=list)
+    """Policies to evaluate: PATH or PATH:SEED (a checkpoint of any algorithm; SEED: which of its --num-seeds runs, default 0),
+    or recipe:<env>-<medium|expert> (a shipped behaviour policy)."""
+    estimators: list[Literal["is", "pdis", "wis", "dr", "fqe", "dualdice"]] = dataclasses.field(default_factory=lambda: list(ESTIMATORS))
+    """Estimators to run (dr trains FQE as its model)."""
+    seed: int = 0
+    """Random seed of the networks (FQE, DualDICE, behaviour cloning), their minibatches and the sampled policy actions."""
+    policy_std: float = 0.1
+    """sigma of the evaluated policy N(mu(s), sigma^2) in [-1, 1] action units (DOPE's policy_eval: target_policy_std 0.1)."""
+    behavior: Literal["auto", "logged", "bc"] = "auto"
+    """Behaviour log-densities for the IS family: logged (the file's infos/action_log_probs), bc (a fitted diagonal Gaussian),
+    or auto (logged for recipe datasets, else bc)."""
+    discount: float = 0.99
+    """Discount gamma of the estimated return E[sum_t gamma^t r_t] (Le et al. 2019 and DOPE: 0.99); 1.0 only for is/pdis/wis."""
+    hidden_dim: int = 256
+    """Width of every hidden layer (DOPE's policy_eval: 2x256 MLPs)."""
+    num_layers: int = 2
+    """Number of hidden layers (DOPE's policy_eval: 2)."""
+    batch_size: int = 256
+    """Minibatch size (DOPE's policy_eval: 256)."""
+    fqe_updates: int = 1_000_000
+    """FQE gradient updates (DOPE's policy_eval: 1M; a short run: 100000)."""
+    fqe_lr: float = 3e-4
+    """FQE Adam learning rate (DOPE's policy_eval: 3e-4)."""
+    tau: float = 0.005
+    """Polyak rate of FQE's target network (DOPE's policy_eval: 0.005)."""
+    dualdice_updates: int = 1_000_000
+    """DualDICE gradient updates (DOPE's policy_eval: 1M; a short run: 100000)."""
+    nu_lr: float = 1e-4
+    """DualDICE nu learning rate (Adam, beta1 0, beta2 0.99; DOPE's policy_eval: 1e-4)."""
+    zeta_lr: float = 1e-3
+    """DualDICE zeta learning rate (Adam, beta1 0, beta2 0.99; DOPE's policy_eval: 1e-3)."""
+    bc_updates: int = 10_000
+    """Gradient updates of the behaviour-cloning Gaussian (used with --behavior bc, or auto without logged log-densities)."""
+    num_action_samples: int = 10
+    """Actions sampled from pi per state for E_{a~pi} Q(s, a) (FQE's estimate and DR's V)."""
+    out: str | None = None
+    """JSON file of the results. Default: runs/ope/<dataset>/<time>.json."""
+
+
+# ---- Trajectories ----
+def trajectory_index(episode_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices [N_traj, T] of each episode's steps (0 past its end) and the mask of real steps.
+
+    episode_ends: the exclusive end row of each episode (common.load_dataset's info["episode_ends"]; the last is N).
+    """
+    ends = np.asarray(episode_ends, np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    lengths = ends - starts
+    t = np.arange(lengths.max())
+    mask = t[None, :] < lengths[:, None]
+    return np.where(mask, starts[:, None] + t[None, :], 0), mask
+
+
+def to_trajectories(x: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-row values [..., N] as padded trajectories [..., N_traj, T] (0 past each end)."""
+    return np.where(mask, np.take(np.asarray(x, np.float64), idx, axis=-1), 0.0)
+
+
+def initial_rows(episode_ends: np.ndarray) -> np.ndarray:
+    """The first row of every episode: the dataset's initial states."""
+    return np.concatenate([[0], np.asarray(episode_ends, np.int64)[:-1]])
+
+
+def discounted_returns(rewards: np.ndarray, episode_ends: np.ndarray, discount: float) -> np.ndarray:
+    """sum_t gamma^t r_t of each episode [num_episodes] (float64; discount 1: the undiscounted return)."""
+    rewards = np.asarray(rewards, np.float64).reshape(-1)
+    starts = initial_rows(episode_ends)
+    t = np.arange(len(rewards)) - np.repeat(starts, np.diff(np.append(starts, len(rewards))))
+    return np.add.reduceat(discount**t * rewards, starts)
+
+
+# ---- The importance-sampling family (numpy, float64; any leading axes, e.g. policies) ----
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def _weighted_sum(log_w: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """sum exp(log_w) x along axis, exact for weights far outside float64's range (the result is +-inf only if it is)."""
+    m = np.max(log_w, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    s = np.sum(np.where(np.isfinite(log_w), np.exp(log_w - m), 0.0) * x, axis=axis)
+    with np.errstate(over="ignore", divide="ignore"):
+        return np.where(s == 0, 0.0, np.sign(s) * np.exp(np.squeeze(m, axis) + np.log(np.abs(s))))
+
+
+def importance_sampling(rewards: np.ndarray, log_ratios: np.ndarray, mask: np.ndarray, discount: float,
+                        sample_weights: np.ndarray | None = None, q_hat: np.ndarray | None = None,
+                        v_hat: np.ndarray | None = None, absorbing: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """IS, PDIS, WIS (and DR given a model) of J = E[sum_t gamma^t r_t], and the weights' diagnostics.
+
+    rewards, log_ratios (log pi(a_t|s_t) - log mu(a_t|s_t)), mask (real steps), q_hat (Q(s_t, a_t)), v_hat
+    (E_{a~pi} Q(s_t, a)): [..., N_traj, T]. sample_weights [N_traj]: the weight of each trajectory in the average
+    (default uniform; exact enumeration passes each trajectory's behaviour probability). absorbing [N_traj]: the
+    trajectory ended in a terminal state, so after its end every action has ratio 1 and reward 0 and its weight stays in
+    WIS's normalizer (a truncated one leaves it); default: none.
+    rho_{0:t} = prod_{t' <= t} pi/mu is computed as exp(cumulative sum of log-ratios), in float64.
+    """
+    r, lr, mask = np.asarray(rewards, np.float64), np.asarray(log_ratios, np.float64), np.asarray(mask, bool)
+    n, horizon = mask.shape[-2:]
+    p = np.full(n, 1.0 / n) if sample_weights is None else np.asarray(sample_weights, np.float64) / np.sum(sample_weights)
+    with np.errstate(divide="ignore"):
+        log_p = np.log(p)
+    lr, r = np.where(mask, lr, 0.0), np.where(mask, r, 0.0)
+    c = np.cumsum(lr, axis=-1)  # log rho_{0:t}; constant past the end (the ratio of an absorbing state's actions is 1)
+    disc = discount ** np.arange(horizon)
+    log_w = log_p + c[..., -1]  # log(p_i rho_{0:T-1}): the trajectory weights
+    out: dict[str, np.ndarray] = {}
+    # IS: sum_i p_i rho_{0:T-1} sum_t gamma^t r_t (Precup et al. 2000)
+    out["is"] = _weighted_sum(log_w, np.sum(disc * r, axis=-1), axis=-1)
+    # PDIS: sum_t gamma^t sum_i p_i rho_{0:t} r_t -- a reward is weighted only by the actions before it (Precup et al. 2000)
+    log_pc = np.where(mask, log_p[:, None] + c, -np.inf)
+    out["pdis"] = np.sum(disc * _weighted_sum(log_pc, r, axis=-2), axis=-1)
+    # WIS: sum_t gamma^t sum_i w_it r_it, w_it = p_i rho_{0:t,i} / sum_j p_j rho_{0:t,j} (Thomas 2015, CWPDIS)
+    alive = mask | (np.zeros(n, bool) if absorbing is None else np.asarray(absorbing, bool))[:, None]
+    log_pa = np.where(alive, log_p[:, None] + c, -np.inf)
+    with np.errstate(invalid="ignore"):  # a step no trajectory reaches (weights all 0) contributes 0
+        log_norm = log_pa - _logsumexp(log_pa, axis=-2)[..., None, :]
+    out["wis"] = np.sum(disc * np.sum(np.where(np.isfinite(log_norm), np.exp(log_norm), 0.0) * r, axis=-2), axis=-1)
+    if q_hat is not None and v_hat is not None:
+        # DR, per-decision: sum_t gamma^t sum_i p_i [rho_{0:t} (r_t - Q(s_t, a_t)) + rho_{0:t-1} V(s_t)], rho_{0:-1} = 1
+        # (Jiang & Li 2016's recursive estimator, unrolled as in Thomas & Brunskill 2016); both terms in one stable sum over trajectories
+        q, v = np.where(mask, q_hat, 0.0), np.where(mask, v_hat, 0.0)
+        log_prev = np.where(mask, log_p[:, None] + c - lr, -np.inf)
+        terms = _weighted_sum(np.concatenate([log_pc, log_prev], -2), np.concatenate([r - q, v], -2), axis=-2)
+        out["dr"] = np.sum(disc * terms, axis=-1)
+    # the lecture's point: a few trajectories carry all the weight
+    log_traj = np.where(p > 0, c[..., -1], np.nan)
+    out["log_max_weight"], out["log_min_weight"] = np.nanmax(log_traj, axis=-1), np.nanmin(log_traj, axis=-1)
+    out["ess"] = np.exp(2.0 * _logsumexp(log_w, axis=-1) - _logsumexp(2.0 * log_w, axis=-1))  # (sum p w)^2 / sum (p w)^2
+    return out
+
+
+# ---- Densities ----
+def gaussian_log_prob(mean: jax.Array, log_std: jax.Array, action: jax.Array) -> jax.Array:
+    """log N(action; mean, diag(exp(log_std))^2), summed over the action axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def unit_log_prob(log_prob_env: np.ndarray, act_low: np.ndarray, act_high: np.ndarray) -> np.ndarray:
+    """A log-density of env-unit actions as one of [-1, 1] actions: u = 2 (a - low) / (high - low) - 1 has the constant
+    Jacobian du/da = 2 / (high - low), so log p_u(u) = log p_a(a) + sum_d log((high - low) / 2)."""
+    return np.asarray(log_prob_env, np.float64) + float(np.sum(np.log((np.asarray(act_high, np.float64) - act_low) / 2.0)))
+
+
+def logged_log_probs(info: dict, num_rows: int) -> np.ndarray | None:
+    """The file's infos/action_log_probs (env-unit log-densities of the behaviour actions), aligned with the rows that
+    common.load_dataset returns; None if the dataset has none."""
+    kind, _, path = str(info.get("source", "")).partition(":")
+    if kind == "minari" or not path or not Path(path).is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        if "infos/action_log_probs" not in f:
+            return None
+        logp = f["infos/action_log_probs"][()].reshape(-1)
+        if "next_observations" not in f:  # common.read_d4rl_hdf5 drops each timeout row and a cut-off last row: the same here
+            term = f["terminals"][()].reshape(-1) > 0
+            tout = f["timeouts"][()].reshape(-1) > 0 if "timeouts" in f else np.zeros(len(term), bool)
+            logp = logp[np.append(~tout[:-1], term[-1])]
+    if len(logp) != num_rows:
+        raise common.DatasetError(f"{path}: infos/action_log_probs has {len(logp)} rows but the dataset has {num_rows}")
+    if not np.isfinite(logp).all():
+        raise common.DatasetError(f"{path}: infos/action_log_probs holds NaN/Inf")
+    return logp.astype(np.float64)
+
+
+# ---- Networks ----
+class MLP(nn.Module):
+    """num_layers ReLU layers of hidden_dim, then a linear output; optionally LayerNorm before each ReLU
+    (Ball et al. 2023; JAX-CORL's TD3+BC critic) and orthogonal(sqrt 2) kernels (JAX-CORL) instead of lecun_normal."""
+
+    hidden_dim: int
+    num_layers: int
+    out_dim: int
+    layer_norm: bool = False
+    orthogonal_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.orthogonal(jnp.sqrt(2.0)) if self.orthogonal_init else nn.initializers.lecun_normal()
+        for _ in range(self.num_layers):
+            x = nn.Dense(self.hidden_dim, kernel_init=init)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
+        return nn.Dense(self.out_dim, kernel_init=init)(x)
+
+
+class StateActionNet(nn.Module):
+    """f(s, a) -> [batch] = scale * MLP([s, a]): FQE's Q (scale 1 / (1 - gamma), as in DOPE's policy_eval q_fitter, so the
+    network outputs per-step reward sizes), DualDICE's nu and zeta (scale 1)."""
+
+    hidden_dim: int
+    num_layers: int
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        return self.scale * MLP(self.hidden_dim, self.num_layers, 1)(jnp.concatenate([obs, action], axis=-1))[..., 0]
+
+
+class GaussianBehavior(nn.Module):
+    """mu(a|s) = N(tanh(m(s)), diag(exp(l(s)))^2) in [-1, 1] action units, state-dependent mean and log-std."""
+
+    action_dim: int
+    hidden_dim: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = MLP(self.hidden_dim, self.num_layers, 2 * self.action_dim)(obs)
+        return jnp.tanh(out[..., : self.action_dim]), jnp.clip(out[..., self.action_dim :], -5.0, 2.0)
+
+
+def sample_actions(key: jax.Array, mean: jax.Array, std: float) -> jax.Array:
+    """The executed action of the evaluated policy: clip(mu + sigma eps, -1, 1) (the env clips; see the module doc)."""
+    return jnp.clip(mean + std * jax.random.normal(key, mean.shape), -1.0, 1.0)
+
+
+# ---- Training loop shared by FQE, DualDICE and BC: jit(scan(vmap over policies)) ----
+def make_train_chunk(update: Callable) -> Callable:
+    """`num_steps` updates of every policy's state in one device call; returns the mean loss and whether all were finite."""
+
+    def chunk(states: Any, data: dict[str, jax.Array], per_policy: dict[str, jax.Array], num_steps: int):
+        def body(carry, _):
+            return jax.vmap(update, in_axes=(0, None, 0))(carry, data, per_policy)
+
+        states, losses = jax.lax.scan(body, states, None, length=num_steps)  # losses [num_steps, P]
+        return states, losses.mean(0), jnp.all(jnp.isfinite(losses), axis=0)
+
+    return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
+
+
+def train(name: str, chunk: Callable, states: Any, data: dict, per_policy: dict, num_updates: int) -> tuple[Any, np.ndarray]:
+    """Run num_updates updates in device calls of UPDATES_PER_CALL; a non-finite loss stops with a one-line error."""
+    done, last_line, t0 = 0, time.time(), time.time()
+    loss = np.full(1, np.nan)
+    while done < num_updates:
+        n = min(UPDATES_PER_CALL, num_updates - done)
+        states, loss, finite = chunk(states, data, per_policy, num_steps=n)
+        loss, finite = jax.device_get((loss, finite))
+        if not finite.all():
+            raise common.RunError(f"{name}: non-finite loss in updates {done + 1}-{done + n} (policy {int(np.flatnonzero(~finite)[0])})")
+        done += n
+        if time.time() - last_line >= 10 and done < num_updates:
+            print(f"[{ALGORITHM}] {name}: update {done}/{num_updates} | {done / (time.time() - t0):.0f} upd/s", flush=True)
+            last_line = time.time()
+    return states, np.asarray(loss)
+
+
+def over_rows(fn: Callable, *rows: jax.Array) -> jax.Array:
+    """fn applied to every row of `rows` (leading axis N), ROWS_PER_BATCH rows at a time: bounded memory on 1M rows."""
+    if rows[0].shape[0] <= ROWS_PER_BATCH:
+        return jax.vmap(fn)(*rows)
+    return jax.lax.map(lambda x: fn(*x), rows, batch_size=ROWS_PER_BATCH)
+
+
+# ---- Behaviour cloning (the behaviour density where the data has none) ----
+@flax.struct.dataclass
+class BCState:
+    actor: TrainState
+    key: jax.Array
+
+
+def fit_behavior(args: Args, data: dict[str, np.ndarray], key: jax.Array) -> tuple[np.ndarray, float]:
+    """Maximum-likelihood diagonal Gaussian mu(a|s) in [-1, 1] units; returns log mu(a_t|s_t) of every row and the final NLL."""
+    net = GaussianBehavior(data["actions"].shape[1], args.hidden_dim, args.num_layers)
+    dev = {k: jnp.asarray(data[k]) for k in ("observations", "actions")}
+
+    def init(k: jax.Array) -> BCState:
+        k, k_net = jax.random.split(k)
+        params = net.init(k_net, dev["observations"][:1])
+        return BCState(actor=TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(3e-4)), key=k)
+
+    def update(state: BCState, d: dict, _: dict) -> tuple[BCState, jax.Array]:
+        key, k_idx = jax.random.split(state.key)
+        idx = jax.random.randint(k_idx, (args.batch_size,), 0, d["observations"].shape[0])
+
+        def loss_fn(params):
+            return -gaussian_log_prob(*net.apply(params, d["observations"][idx]), d["actions"][idx]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.actor.params)
+        return BCState(actor=state.actor.apply_gradients(grads=grads), key=key), loss
+
+    states = jax.jit(jax.vmap(init))(key[None])  # jitted: one compile, and distinct buffers to donate
+    states, loss = train("bc", make_train_chunk(update), states, dev, {}, args.bc_updates)
+    logp = jax.jit(lambda p, o, a: over_rows(lambda oi, ai: gaussian_log_prob(*net.apply(jax.tree.map(lambda x: x[0], p), oi), ai), o, a))
+    return np.asarray(logp(states.actor.params, dev["observations"], dev["actions"]), np.float64), float(loss[0])
+
+
+# ---- FQE (Le, Voloshin & Yue 2019) ----
+@flax.struct.dataclass
+class FQEState:
+    critic: TrainState
+    target_params: Any
+    key: jax.Array
+
+
+def reward_scale(rewards: np.ndarray) -> float:
+    """Rewards are divided by their std for FQE (Le et al. 2019 / DOPE normalize rewards); a scale, no shift, so that a
+    terminal's zero future stays zero. The estimate is multiplied back."""
+    std = float(np.std(rewards))
+    return std if std > 1e-8 else 1.0
+
+
+def run_fqe(args: Args, data: dict[str, np.ndarray], means: dict[str, np.ndarray], key: jax.Array,
+            model_on_rows: bool = False) -> dict[str, np.ndarray]:
+    """FQE of every policy at once (vmapped); values and Q, V in the data's reward units.
+
+    data: observations, actions ([-1, 1]), rewards, next_observations, terminals [N, ...] and init_observations [N0, obs].
+    means: the policies' mean actions in [-1, 1]: next [P, N, act] (at next_observations), init [P, N0, act], and, with
+    model_on_rows, obs [P, N, act] (at observations). Returns values [P] = mean over s_0 of E_{a~pi} Q(s_0, a), the final
+    losses [P], and with model_on_rows also q [P, N] = Q(s_t, a_t) and v [P, N] = E_{a~pi} Q(s_t, a) for DR.
+    """
+    gamma, std, k_samples = args.discount, args.policy_std, args.num_action_samples
+    scale = reward_scale(data["rewards"])
+    r = np.asarray(data["rewards"], np.float64) / scale
+    # targets clipped to the range of discounted returns (Le et al. 2019 / DOPE's q_fitter: [r_min, r_max] / (1 - gamma));
+    # 0 joins the range when episodes terminate (a terminal's value is its last reward alone)
+    has_terminals = bool(np.any(data["terminals"] > 0))
+    lo = (min(r.min(), 0.0) if has_terminals else r.min()) / (1 - gamma)
+    hi = (max(r.max(), 0.0) if has_terminals else r.max()) / (1 - gamma)
+    qnet = StateActionNet(args.hidden_dim, args.num_layers, 1.0 / (1.0 - gamma))
+    dev = {k: jnp.asarray(data[k], jnp.float32) for k in ("observations", "actions", "next_observations", "terminals")}
+    dev["rewards"] = jnp.asarray(r, jnp.float32)
+    obs_dim, act_dim = dev["observations"].shape[1], dev["actions"].shape[1]
+
+    def init(k: jax.Array) -> FQEState:
+        k, k_net = jax.random.split(k)
+        params = qnet.init(k_net, jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)))
+        return FQEState(critic=TrainState.create(apply_fn=qnet.apply, params=params, tx=optax.adam(args.fqe_lr)),
+                        target_params=params, key=k)
+
+    def update(state: FQEState, d: dict, pol: dict) -> tuple[FQEState, jax.Array]:
+        key, k_idx, k_act = jax.random.split(state.key, 3)
+        idx = jax.random.randint(k_idx, (args.batch_size,), 0, d["observations"].shape[0])
+        # FQE iteration (Le et al. 2019): regress Q(s, a) onto r + gamma (1 - done) Q_target(s', a'), a' ~ pi(s')
+        next_a = sample_actions(k_act, pol["next"][idx], std)
+        target = d["rewards"][idx] + gamma * (1.0 - d["terminals"][idx]) * qnet.apply(state.target_params, d["next_observations"][idx], next_a)
+        target = jnp.clip(target, lo, hi)
+
+        def loss_fn(params):
+            return jnp.mean((qnet.apply(params, d["observations"][idx], d["actions"][idx]) - target) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+        target_params = optax.incremental_update(critic.params, state.target_params, args.tau)
+        return FQEState(critic=critic, target_params=target_params, key=key), loss
+
+    k_init, k_eval = jax.random.split(key)
+    num_policies = means["next"].shape[0]
+    # jitted: one compile, and distinct buffers for the target network and the network it starts equal to (both donated)
+    states = jax.jit(jax.vmap(init))(jax.random.split(k_init, num_policies))
+    states, loss = train("fqe", make_train_chunk(update), states, dev, {"next": jnp.asarray(means["next"])}, args.fqe_updates)
+
+    def v_fn(params, k, obs, mean):  # E_{a~pi} Q(s, a), k_samples actions per state; with the target network (as DOPE's code)
+        def row(o, m, i):
+            a = sample_actions(jax.random.fold_in(k, i), jnp.broadcast_to(m, (k_samples, act_dim)), std)
+            return qnet.apply(params, jnp.broadcast_to(o, (k_samples, obs_dim)), a).mean()
+
+        return over_rows(row, obs, mean, jnp.arange(obs.shape[0]))
+
+    @jax.jit
+    def evaluate(params, keys, v_obs, v_mean, q_obs, q_act):  # one compile: V at v_obs, and Q(s_t, a_t) unless q_obs is None
+        v = jax.vmap(v_fn, in_axes=(0, 0, None, 0))(params, keys, v_obs, v_mean)
+        q = None if q_obs is None else jax.vmap(lambda p: over_rows(lambda o, a: qnet.apply(p, o, a), q_obs, q_act))(params)
+        return v, q
+
+    n0 = data["init_observations"].shape[0]
+    v_obs, v_mean, q_obs, q_act = data["init_observations"], means["init"], None, None
+    if model_on_rows:  # DR's model on every row too
+        v_obs, v_mean = np.concatenate([v_obs, data["observations"]]), np.concatenate([v_mean, means["obs"]], axis=1)
+        q_obs, q_act = dev["observations"], dev["actions"]
+    v, q = evaluate(states.target_params, jax.random.split(k_eval, num_policies), jnp.asarray(v_obs, jnp.float32),
+                    jnp.asarray(v_mean, jnp.float32), q_obs, q_act)
+    v = scale * np.asarray(v, np.float64)
+    out = {"values": v[:, :n0].mean(1), "loss": loss}
+    if model_on_rows:
+        out["q"], out["v"] = scale * np.asarray(q, np.float64), v[:, n0:]
+    return out
+
+
+# ---- DualDICE (Nachum, Chow, Dai & Li 2019) ----
+def dualdice_loss(nu: Callable, zeta: Callable, batch: dict[str, jax.Array], discount: float,
+                  weights: jax.Array | None = None, init_weights: jax.Array | None = None) -> jax.Array:
+    """The DualDICE saddle-point objective with f(x) = x^2 / 2 (Nachum et al. 2019; its Fenchel-dual form, no double sampling):
+
+        L(nu, zeta) = E_D[(nu(s,a) - gamma (1 - done) nu(s',a')) zeta(s,a) - zeta(s,a)^2 / 2] - (1 - gamma) E_{s0, a0~pi}[nu(s0,a0)]
+
+    nu minimizes, zeta maximizes; at the saddle point zeta(s,a) = nu(s,a) - gamma E[nu(s',a')] = d^pi(s,a) / d^D(s,a), d^pi
+    the normalized discounted occupancy (1 - gamma) sum_t gamma^t P(s_t = s, a_t = a). A terminal leads to an absorbing
+    state with nu = 0 and reward 0 (the (1 - done) factor), so E_D[zeta] = 1 minus the occupancy of the absorbing state.
+    nu, zeta: (obs, act) -> [B], any function approximator. batch: observations, actions, next_observations, next_actions
+    (a' ~ pi(s')), terminals [B, ...]; init_observations, init_actions (a0 ~ pi(s0)) [B0, ...]. weights [B], init_weights
+    [B0]: probabilities of the samples (default uniform; exact expectations in the tests).
+    """
+    mean = lambda x, w: jnp.mean(x) if w is None else jnp.sum(w * x) / jnp.sum(w)
+    z = zeta(batch["observations"], batch["actions"])
+    residual = nu(batch["observations"], batch["actions"]) - discount * (1.0 - batch["terminals"]) * nu(
+        batch["next_observations"], batch["next_actions"])
+    return mean(residual * z - 0.5 * z**2, weights) - (1.0 - discount) * mean(nu(batch["init_observations"], batch["init_actions"]), init_weights)
+
+
+@flax.struct.dataclass
+class DiceState:
+    nu: TrainState
+    zeta: TrainState
+    key: jax.Array
+
+
+def run_dualdice(args: Args, data: dict[str, np.ndarray], means: dict[str, np.ndarray], key: jax.Array) -> dict[str, np.ndarray]:
+    """DualDICE of every policy at once (vmapped). data and means as in run_fqe (means: next, init). Returns values [P] =
+    E_D[zeta(s,a) r] / (1 - gamma) (the discounted return, not DOPE's per-step (1 - gamma)-scaled one), mean_ratio [P] =
+    E_D[zeta] and the final losses [P]. The ratios are not self-normalized: with terminals E_D[w] < 1 is correct (see
+    dualdice_loss)."""
+    gamma, std = args.discount, args.policy_std
+    net = StateActionNet(args.hidden_dim, args.num_layers)
+    dev = {k: jnp.asarray(data[k], jnp.float32) for k in ("observations", "actions", "next_observations", "terminals", "init_observations")}
+    obs_dim, act_dim = dev["observations"].shape[1], dev["actions"].shape[1]
+    # Adam with beta1 = 0, beta2 = 0.99 for both players (DOPE's policy_eval dual_dice.py)
+    nu_tx, zeta_tx = optax.adam(args.nu_lr, b1=0.0, b2=0.99), optax.adam(args.zeta_lr, b1=0.0, b2=0.99)
+
+    def init(k: jax.Array) -> DiceState:
+        k, k_nu, k_zeta = jax.random.split(k, 3)
+        x = (jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)))
+        return DiceState(nu=TrainState.create(apply_fn=net.apply, params=net.init(k_nu, *x), tx=nu_tx),
+                         zeta=TrainState.create(apply_fn=net.apply, params=net.init(k_zeta, *x), tx=zeta_tx), key=k)
+
+    def update(state: DiceState, d: dict, pol: dict) -> tuple[DiceState, jax.Array]:
+        key, k_idx, k_init, k_next, k_a0 = jax.random.split(state.key, 5)
+        idx = jax.random.randint(k_idx, (args.batch_size,), 0, d["observations"].shape[0])
+        idx0 = jax.random.randint(k_init, (args.batch_size,), 0, d["init_observations"].shape[0])
+        batch = {k: d[k][idx] for k in ("observations", "actions", "next_observations", "terminals")}
+        batch.update(next_actions=sample_actions(k_next, pol["next"][idx], std), init_observations=d["init_observations"][idx0],
+                     init_actions=sample_actions(k_a0, pol["init"][idx0], std))
+
+        def loss_fn(nu_params, zeta_params):
+            return dualdice_loss(lambda o, a: net.apply(nu_params, o, a), lambda o, a: net.apply(zeta_params, o, a), batch, gamma)
+
+        loss, (g_nu, g_zeta) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.nu.params, state.zeta.params)
+        g_zeta = jax.tree.map(lambda g: -g, g_zeta)  # gradient ascent for zeta
+        return DiceState(nu=state.nu.apply_gradients(grads=g_nu), zeta=state.zeta.apply_gradients(grads=g_zeta), key=key), loss
+
+    num_policies = means["next"].shape[0]
+    states = jax.jit(jax.vmap(init))(jax.random.split(key, num_policies))
+    per_policy = {"next": jnp.asarray(means["next"]), "init": jnp.asarray(means["init"])}
+    states, loss = train("dualdice", make_train_chunk(update), states, dev, per_policy, args.dualdice_updates)
+    w_all = jax.jit(jax.vmap(lambda p, o, a: over_rows(lambda oi, ai: net.apply(p, oi, ai), o, a), in_axes=(0, None, None)))
+    w = np.asarray(w_all(states.zeta.params, dev["observations"], dev["actions"]), np.float64)  # [P, N]
+    r = np.asarray(data["rewards"], np.float64)
+    return {"values": (w * r).mean(1) / (1.0 - gamma), "mean_ratio": w.mean(1), "loss": loss}
+
+
+# ---- DOPE metrics (Fu et al. 2021) ----
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank."""
+    x = np.asarray(x)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="mergesort")] = np.arange(1, len(x) + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, ranks) / counts)[inv]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks; nan if either is constant."""
+    ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2
+    den = np.sqrt(np.sum(ra**2) * np.sum(rb**2))
+    return float(np.sum(ra * rb) / den) if den > 0 else float("nan")
+
+
+def regret_at_k(true_values: np.ndarray, estimates: np.ndarray, k: int) -> float:
+    """(best true value - best true value among the k policies estimated best) / best true value (DOPE's normalized
+    regret, applied to normalized values, where it equals (V_max - V_top-k) / (V_max - V_min)). Ties in the estimates
+    keep the earlier policy."""
+    top = np.argsort(-np.asarray(estimates, np.float64), kind="stable")[:k]
+    best = float(np.max(true_values))
+    return (best - float(np.max(np.asarray(true_values)[top]))) / best if best != 0 else float("nan")
+
+
+def dope_metrics(true_values: Sequence[float], estimates: Sequence[float], k: Sequence[int] = (1, 5), n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """DOPE's metrics of one task's family of policies (Fu et al. 2021, Sec. on metrics; reference: google-research/deep_ope
+    plots.ipynb), each with a bootstrap 95% CI over policies.
+
+    Values are normalized by the family's worst and best TRUE values, v' = (v - V_min) / (V_max - V_min), for the truth
+    and the estimates alike; normalized estimates are clipped at 2 from above (not below, as in DOPE's code). Then
+    abs_error = mean |est' - true'|, rank_correlation = Spearman(true', est'), regret@k = regret_at_k(true', est', k).
+    CI: n_boot resamples of the policies with replacement (normalization kept from the full family, as DOPE's code),
+    2.5/97.5 percentiles of each metric, ignoring resamples where it is undefined (e.g. a constant resample's Spearman).
+    """
+    v, e = np.asarray(true_values, np.float64), np.asarray(estimates, np.float64)
+    if v.shape != e.shape or v.ndim != 1 or len(v) < 2:
+        raise ValueError(f"dope_metrics: need two equal 1-D arrays of >= 2 policies, got {v.shape} and {e.shape}")
+    worst, best = v.min(), v.max()
+    if best == worst:
+        raise ValueError("dope_metrics: all true values are equal; nothing to normalize by")
+    vn, en = (v - worst) / (best - worst), np.minimum((e - worst) / (best - worst), 2.0)
+    fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "abs_error": lambda t, p: float(np.mean(np.abs(p - t))), "rank_correlation": spearman,
+        **{f"regret@{kk}": (lambda t, p, kk=kk: regret_at_k(t, p, kk)) for kk in k}}
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    out: dict[str, Any] = {"num_policies": len(v), "true_min": worst, "true_max": best,
+                           "normalized_true": vn.tolist(), "normalized_estimates": en.tolist()}
+    for name, fn in fns.items():
+        boot = np.array([fn(vn[i], en[i]) for i in idx])
+        ok = boot[np.isfinite(boot)]
+        lo, hi = (np.percentile(ok, [2.5, 97.5]) if len(ok) else (np.nan, np.nan))
+        out[name] = {"value": fn(vn, en), "ci_low": float(lo), "ci_high": float(hi), "boot_mean": float(ok.mean()) if len(ok) else np.nan}
+    return out
+
+
+# ---- Policies ----
+@dataclass
+class Policy:
+    spec: str
+    path: Path
+    seed: int
+    algorithm: str  # the checkpoint's algorithm, or "recipe-sac" for a shipped behaviour policy
+
+
+def parse_policy(spec: str) -> Policy:
+    """PATH, PATH:SEED or recipe:<env>-<medium|expert>; a missing file or unknown algorithm is a one-line RunError."""
+    if spec.startswith("recipe:"):
+        from recipe import build
+
+        env, _, level = spec.removeprefix("recipe:").rpartition("-")
+        path = build.policy_path(env, level)
+        if env not in build.ENV_IDS or level not in ("medium", "expert") or not path.exists():
+            raise common.RunError(f"policy {spec!r}: no shipped behaviour policy {path} (recipe policies are "
+                                  f"recipe:<env>-<medium|expert>, env in {'/'.join(build.ENV_IDS)})")
+        return Policy(spec, path, 0, "recipe-sac")
+    path, seed = spec, 0
+    m = re.fullmatch(r"(.+):(\d+)", spec)
+    if m and not Path(spec).exists():
+        path, seed = m.group(1), int(m.group(2))
+    if not Path(path).is_file():
+        raise common.RunError(f"policy checkpoint {path} does not exist (a policy is PATH, PATH:SEED or recipe:<env>-<medium|expert>)")
+    meta = common.read_checkpoint(path)["meta"]
+    algorithm, num_seeds = meta.get("algorithm"), len(meta.get("seeds") or [0])
+    if not isinstance(algorithm, str) or not (HERE / f"{algorithm}.py").exists():
+        raise common.RunError(f"{path}: checkpoint of algorithm {algorithm!r}, which has no file algorithms/{algorithm}.py")
+    if seed >= num_seeds:
+        raise common.RunError(f"{spec}: seed index {seed}, but the checkpoint holds {num_seeds} run(s) (0-{num_seeds - 1})")
+    return Policy(spec, Path(path), seed, algorithm)
+
+
+_modules: dict[str, Any] = {}
+
+
+def algorithm_module(name: str) -> Any:
+    """algorithms/<name>.py beside this file, imported once (registered in sys.modules before it runs, for its dataclasses)."""
+    if name not in _modules:
+        spec = importlib.util.spec_from_file_location(f"offrl_{name}", HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _modules[name] = module
+    return _modules[name]
+
+
+def load_act(policy: Policy, obs_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The policy's deterministic act(obs [B, obs]) -> action [B, act] in env units."""
+    if policy.algorithm == "recipe-sac":
+        from recipe import build
+
+        pol = build.NumpyPolicy(policy.path)
+        width = pol.w["l0/kernel"].shape[0]
+        if width != obs_dim:
+            raise common.RunError(f"{policy.spec} takes {width}-dim observations, the dataset has {obs_dim}")
+        return lambda o: pol(o, np.zeros((len(o), pol.w["mean/bias"].shape[-1]), np.float32))[0]  # tanh(mean)
+    width = len(common.read_checkpoint(str(policy.path))["meta"]["prep"]["obs_mean"])
+    if width != obs_dim:
+        raise common.RunError(f"{policy.spec} takes {width}-dim observations, the dataset has {obs_dim}")
+    module = algorithm_module(policy.algorithm)
+    if not hasattr(module, "load_policy"):
+        raise common.RunError(f"{policy.spec}: algorithms/{policy.algorithm}.py has no load_policy")
+    return module.load_policy(str(policy.path), policy.seed)
+
+
+def apply_in_chunks(act: Callable[[np.ndarray], np.ndarray], x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """act on every row of x, `chunk` rows per call (the last call padded to the same size: one compile)."""
+    if len(x) <= chunk:
+        return np.asarray(act(x), np.float32)
+    out = []
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk]
+        pad = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)]) if len(part) < chunk else part
+        out.append(np.asarray(act(pad), np.float32)[:len(part)])
+    return np.concatenate(out)
+
+
+# ---- Main ----
+def check_args(args: Args) -> list[Policy]:
+    if not args.policies:
+        raise common.RunError("--policies: give at least one policy (PATH, PATH:SEED or recipe:<env>-<medium|expert>)")
+    if not args.estimators:
+        raise common.RunError("--estimators: give at least one of " + ", ".join(ESTIMATORS))
+    if not 0.0 < args.discount <= 1.0:
+        raise common.RunError("--discount must be in (0, 1]")
+    if args.discount >= 1.0 and set(args.estimators) & {"dr", "fqe", "dualdice"}:
+        raise common.RunError("--discount 1 is only for is/pdis/wis; dr, fqe and dualdice need a discount < 1")
+    if args.policy_std <= 0:
+        raise common.RunError("--policy-std must be > 0 (a deterministic policy has no density)")
+    for name in ("batch_size", "fqe_updates", "dualdice_updates", "bc_updates", "num_action_samples", "hidden_dim"):
+        if getattr(args, name) < 1:
+            raise common.RunError(f"--{name.replace('_', '-')} must be >= 1")
+    return [parse_policy(s) for s in args.policies]
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe float: None for NaN/Inf (e.g. an IS weight beyond float64)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    policies = check_args(args)  # before any data is read: a typo is an error at once
+    estimators = [e for e in ESTIMATORS if e in args.estimators]
+    data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
+    env = common.make_eval_env(info, num_envs=1, seed=args.seed)  # the action box, checked against the data
+    prep = common.Prep.fit(data, env.single_action_space, normalize_states=True)
+    env.close()
+    arrays = prep.arrays(data)  # normalized states, [-1, 1] actions: the networks' inputs
+    ends = info["episode_ends"]
+    init = initial_rows(ends)
+    n, num_traj = len(data["rewards"]), len(ends)
+    label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
+    print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}{label}): {n} transitions, {num_traj} episodes; "
+          f"{len(policies)} policies as N(mu(s), {args.policy_std}^2) in [-1, 1]; discount {args.discount}", flush=True)
+
+    # the policies' mean actions, once, on the host: [P, N, act] at observations and next observations
+    t0 = time.time()
+    mu_obs, mu_next = [], []
+    for p in policies:
+        act = load_act(p, info["obs_dim"])
+        mu_obs.append(prep.to_unit(apply_in_chunks(act, data["observations"])))
+        mu_next.append(prep.to_unit(apply_in_chunks(act, data["next_observations"])))
+    mu_obs, mu_next = np.stack(mu_obs).astype(np.float32), np.stack(mu_next).astype(np.float32)
+    times: dict[str, float] = {"policy_means": time.time() - t0}
+    key = jax.random.PRNGKey(args.seed)
+    k_bc, k_fqe, k_dice = jax.random.split(key, 3)
+    results: dict[str, dict[str, np.ndarray]] = {}
+    behavior, behavior_detail = None, None
+
+    if set(estimators) & set(IS_FAMILY):
+        t0 = time.time()
+        logged = logged_log_probs(info, n) if args.behavior != "bc" else None
+        if args.behavior == "logged" and logged is None:
+            raise common.RunError(f"--behavior logged: {info['source']} stores no infos/action_log_probs; use --behavior bc")
+        if logged is not None and (args.behavior == "logged" or info["source_kind"] == "recipe"):
+            log_mu = unit_log_prob(logged, prep.act_low, prep.act_high)
+            behavior, behavior_detail = "logged", f"infos/action_log_probs of {info['source'].partition(':')[2]}"
+        else:
+            log_mu, nll = fit_behavior(args, arrays, k_bc)
+            behavior, behavior_detail = "bc", f"diagonal Gaussian, {args.bc_updates} updates, final NLL {nll:.3f}"
+        times["behavior"] = time.time() - t0
+        print(f"[{ALGORITHM}] behaviour log-densities: {behavior} ({behavior_detail}; {times['behavior']:.1f}s)", flush=True)
+        log_pi = jax.jit(jax.vmap(lambda m, a: gaussian_log_prob(m, jnp.log(args.policy_std), a), in_axes=(0, None)))
+        log_ratios = np.asarray(log_pi(jnp.asarray(mu_obs), jnp.asarray(arrays["actions"])), np.float64) - log_mu  # [P, N]
+
+    fqe_data = {**{k: arrays[k] for k in ("observations", "actions", "rewards", "next_observations", "terminals")},
+                "init_observations": arrays["observations"][init]}
+    means = {"next": mu_next, "init": mu_obs[:, init], "obs": mu_obs}
+    if "fqe" in estimators or "dr" in estimators:
+        t0 = time.time()
+        results["fqe"] = run_fqe(args, fqe_data, means, k_fqe, model_on_rows="dr" in estimators)
+        times["fqe"] = time.time() - t0
+    if "dualdice" in estimators:
+        t0 = time.time()
+        results["dualdice"] = run_dualdice(args, fqe_data, means, k_dice)
+        times["dualdice"] = time.time() - t0
+
+    idx, mask = trajectory_index(ends)
+    rewards_traj = to_trajectories(data["rewards"], idx, mask)
+    absorbing = data["terminals"][ends - 1] > 0
+    rows = []
+    for i, p in enumerate(policies):
+        est, wall, diag = {}, {}, None
+        if behavior is not None:
+            t0 = time.time()
+            model = {"q_hat": to_trajectories(results["fqe"]["q"][i], idx, mask),
+                     "v_hat": to_trajectories(results["fqe"]["v"][i], idx, mask)} if "dr" in estimators else {}
+            res = importance_sampling(rewards_traj, to_trajectories(log_ratios[i], idx, mask), mask, args.discount,
+                                      absorbing=absorbing, **model)
+            dt = time.time() - t0
+            for e in estimators:
+                if e in IS_FAMILY:  # one call computes them together
+                    est[e], wall[e] = float(res[e]), dt + (times["fqe"] / len(policies) if e == "dr" else 0.0)
+            lmax, lmin = float(res["log_max_weight"]), float(res["log_min_weight"])
+            with np.errstate(over="ignore"):
+                diag = {"log_max_weight": lmax, "log_min_weight": lmin, "max_weight": _num(np.exp(lmax)), "min_weight": _num(np.exp(lmin)),
+                        "ess": float(res["ess"]), "num_trajectories": num_traj}
+        for e in ("fqe", "dualdice"):
+            if e in estimators:
+                est[e], wall[e] = float(results[e]["values"][i]), times[e] / len(policies)
+        for e in estimators:
+            print(f"[{ALGORITHM}] {p.spec} ({p.algorithm}) {e:<8s} {est[e]:12.3f}  ({wall[e]:.1f}s)", flush=True)
+        if diag:
+            print(f"[{ALGORITHM}] {p.spec} IS weights: log max {diag['log_max_weight']:.1f}, log min {diag['log_min_weight']:.1f}, "
+                  f"effective sample size {diag['ess']:.2f} of {num_traj} trajectories", flush=True)
+        rows.append({"spec": p.spec, "path": str(p.path), "seed": p.seed, "algorithm": p.algorithm, "estimates": {k: _num(v) for k, v in est.items()},
+                     "wall_time_s": wall, "is_weights": diag, "behavior": behavior,
+                     **({"fqe_loss": float(results["fqe"]["loss"][i])} if "fqe" in results else {}),
+                     **({"dualdice_mean_ratio": float(results["dualdice"]["mean_ratio"][i])} if "dualdice" in results else {})})
+
+    times["total"] = time.time() - t_start
+    result = {"algorithm": ALGORITHM, **{k: info.get(k) for k in common.RESULT_KEYS[1:6]}, "num_transitions": n, "num_episodes": num_traj,
+              "estimand": f"E[sum_t gamma^t r_t] from the dataset's initial states, gamma = {args.discount}",
+              "evaluated_policy": f"N(mu(s), {args.policy_std}^2 I) in [-1, 1] action units, executed clipped to the box",
+              "behavior": behavior, "behavior_detail": behavior_detail, "estimators": estimators, "policies": rows,
+              "wall_time_s": times, "wall_time_note": "fqe/dualdice train all policies in one vmapped call: per policy is that "
+              "call's time / number of policies; is/pdis/wis/dr per policy is one call computing them together (dr adds fqe's share)",
+              "config": dataclasses.asdict(args)}
+    tag = Path(str(info["dataset"])).stem if args.dataset else info["dataset"]
+    out = Path(args.out or f"runs/ope/{tag}/{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"[{ALGORITHM}] done in {times['total']:.0f}s; results in {out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    common.cli(Args, main)
