@@ -83,7 +83,7 @@ def table(a: argparse.Namespace, grid: Path, commands: dict[str, str]) -> None:
     for v in a.variants:
         f = grid / v / "result.json"
         if not f.exists():
-            rows.append(f"| {v} | not run | | |")
+            rows.append(f"| {v} | not run | | | | |")
             continue
         r = json.loads(f.read_text())
         first = first or r
@@ -91,7 +91,9 @@ def table(a: argparse.Namespace, grid: Path, commands: dict[str, str]) -> None:
         last = np.array([s["last_normalized" if key == "normalized" else "last_return"] for s in r["per_seed"]])
         best = np.array([s["best_normalized" if key == "normalized" else "best_return"] for s in r["per_seed"]])
         curve = " / ".join(f"{np.mean(h[key]):.1f}" for h in r["eval_history"])
-        rows.append(f"| {v} | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | {curve} |")
+        collapsed = int((last < best / 2).sum())
+        rows.append(f"| {v} | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | {collapsed} of {len(last)} "
+                    f"| {' / '.join(f'{x:.1f}' for x in last)} | {curve} |")
     out = Path(a.out_dir) / a.label
     out.mkdir(parents=True, exist_ok=True)
     score = "recipe-normalized score" if first and first["source_kind"] == "recipe" else "score"
@@ -101,7 +103,9 @@ def table(a: argparse.Namespace, grid: Path, commands: dict[str, str]) -> None:
              f"- Data: {first['source'] if first else '?'} (sha256 {str(first and first.get('dataset_sha256'))[:12]}); "
              f"hardware: {hardware()}; date {time.strftime('%Y-%m-%d', time.gmtime())}.",
              f"- Command: `python benchmarks/ablation.py {shlex.join(sys.argv[1:])}`", "",
-             "| variant | last | best | curve (mean over seeds, at each evaluation) |", "|---|---|---|---|", *rows, "",
+             "- Collapsed: seeds whose last score is below half of their best (issue #15's criterion).", "",
+             "| variant | last | best | collapsed | last per seed | curve (mean over seeds, at each evaluation) |",
+             "|---|---|---|---|---|---|", *rows, "",
              "Variant commands:", "", *[f"- {v}: `{c}`" for v, c in commands.items()]]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -110,6 +110,7 @@ def main() -> None:
                for r, c in zip(results, curves, strict=True)],
              f"| mean ± std | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | "
              f"{' / '.join(f'{x:.1f}' for x in curves.mean(0))} | |", "",
+             f"Collapsed (last below half of the seed's best): {int((last < best / 2).sum())} of {len(last)} seeds.", "",
              "Per-seed commands:", "", *[f"- seed {r['seed']}: `{r['command']}`" for r in results]]
     out = Path(a.out_dir) / a.label
     out.mkdir(parents=True, exist_ok=True)
