@@ -16,6 +16,7 @@ The whole training loop runs on the device: every jitted call performs a few sec
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import common  # noqa: E402
 
 ALGORITHM = "awac"
+LEGACY = {"tanh_mean": True}  # what checkpoints written before these flags existed did
 
 
 # ---- Config ----
@@ -94,8 +96,9 @@ class Args:
     """Lower clip of the policy log-std (CORL: -20)."""
     log_std_max: float = 2.0
     """Upper clip of the policy log-std (CORL: 2)."""
-    tanh_mean: bool = True
-    """Squash the Gaussian mean with tanh into the action box (CORL's awac.py: no squashing)."""
+    tanh_mean: bool = False
+    """Squash the Gaussian mean with tanh into the action box. Off, as in CORL's awac.py: with it, 2 of 5 seeds collapsed on
+    hopper-medium-replay (recipe) within 30k updates, without it none (issue #15; benchmarks/results/awac-stability.md)."""
 
 
 # ---- Networks ----
@@ -305,7 +308,7 @@ def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
 def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
     """act(obs) -> action in env units, from a checkpoint of this file (seed: which of its --num-seeds runs)."""
     ckpt = common.read_checkpoint(path, ALGORITHM)
-    args, prep = Args(**ckpt["meta"]["config"]), common.Prep(**ckpt["meta"]["prep"])
+    args, prep = Args(**{**LEGACY, **ckpt["meta"]["config"]}), common.Prep(**ckpt["meta"]["prep"])
     actor_def = make_networks(args, prep.act_dim)[0]
     params = jax.tree.map(lambda x: x[seed], ckpt["state"]["actor"]["params"])
     return common.policy_act(prep, lambda obs: deterministic_action(actor_def, params, obs))
@@ -313,6 +316,8 @@ def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
 
 # ---- Main ----
 def main(args: Args) -> dict:
+    if args.load and not LEGACY.keys() <= common.read_checkpoint(args.load)["meta"]["config"].keys():
+        args = dataclasses.replace(args, **LEGACY)  # a checkpoint from before the flag: keep its network
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
     run = common.Run(ALGORITHM, args, info, data, hyperparameters={"awac_lambda": args.awac_lambda, "fixed_std": args.fixed_std})
     batch = jax.device_put(run.prep.arrays(data))  # on the device once (AWAC uses the raw rewards)

@@ -35,6 +35,7 @@ VARIANTS = {
     "jax_corl": ["--actor-lr", "1e-3", "--critic-lr", "1e-3", "--orthogonal-init", "--critic-layer-norm",
                  "--max-transitions", "1000000", "--episode-ends-terminal"],
     # AWAC against CORL's awac.py (issue #15): its networks have 3 hidden layers and an unsquashed Gaussian mean
+    "tanh_mean": ["--tanh-mean"],  # awac.py's default until issue #15 (run then as "paper", without the flag)
     "layers_3": ["--num-layers", "3"],
     "no_tanh": ["--no-tanh-mean"],
     "corl": ["--num-layers", "3", "--no-tanh-mean"],

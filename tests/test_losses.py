@@ -154,6 +154,20 @@ def test_awac_weights_and_clip(awac):
     assert float(jax.grad(lambda q: awac.awac_weights(q, v, 1.0 / 3.0, 100.0).sum())(q).sum()) == 0.0
 
 
+def test_awac_actor_mean_unsquashed_by_default(awac, tmp_path):
+    """Issue #15: the default mean is CORL's unsquashed one (2 of 5 seeds collapsed with tanh); the evaluation action is
+    clipped to the box either way; a checkpoint from before the flag keeps its tanh."""
+    assert awac.Args().tanh_mean is False
+    obs = jnp.ones((4, 3))
+    for tanh_mean in (True, False):
+        actor = awac.GaussianActor(2, 8, 1, False, 0.0, -20.0, 2.0, tanh_mean)
+        params = jax.tree.map(lambda x: 100.0 * x + 1.0, actor.init(jax.random.PRNGKey(0), obs))  # large outputs
+        mean, _ = actor.apply(params, obs)
+        assert bool((jnp.abs(mean) <= 1).all()) if tanh_mean else bool((jnp.abs(mean) > 1).any())
+        assert bool((jnp.abs(awac.deterministic_action(actor, params, obs)) <= 1).all())
+    assert awac.Args(**{**awac.LEGACY, **{"hidden_dim": 8}}).tanh_mean is True
+
+
 # ---- BC ----
 def test_bc_loss():
     bc = load_script("bc")
