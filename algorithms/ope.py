@@ -715,71 +715,43 @@ def _num(x: Any) -> float | None:
     return x if np.isfinite(x) else None
 
 
-def main(args: Args) -> dict:
-    t_start = time.time()
-    policies = check_args(args)  # before any data is read: a typo is an error at once
-    estimators = [e for e in ESTIMATORS if e in args.estimators]
-    data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
-    env = common.make_eval_env(info, num_envs=1, seed=args.seed)  # the action box, checked against the data
-    prep = common.Prep.fit(data, env.single_action_space, normalize_states=True)
-    env.close()
-    arrays = prep.arrays(data)  # normalized states, [-1, 1] actions: the networks' inputs
-    ends = info["episode_ends"]
-    init = initial_rows(ends)
-    n, num_traj = len(data["rewards"]), len(ends)
-    label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
-    print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}{label}): {n} transitions, {num_traj} episodes; "
-          f"{len(policies)} policies as N(mu(s), {args.policy_std}^2) in [-1, 1]; discount {args.discount}", flush=True)
-
-    # the policies' mean actions, once, on the host: [P, N, act] at observations and next observations
-    t0 = time.time()
+def policy_means(policies: list[Policy], prep: common.Prep, data: dict, obs_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each policy's mean action, once, on the host: [P, N, act] in [-1, 1] at the observations and next observations."""
     mu_obs, mu_next = [], []
     for p in policies:
-        act = load_act(p, info["obs_dim"])
+        act = load_act(p, obs_dim)
         mu_obs.append(prep.to_unit(apply_in_chunks(act, data["observations"])))
         mu_next.append(prep.to_unit(apply_in_chunks(act, data["next_observations"])))
-    mu_obs, mu_next = np.stack(mu_obs).astype(np.float32), np.stack(mu_next).astype(np.float32)
-    times: dict[str, float] = {"policy_means": time.time() - t0}
-    key = jax.random.PRNGKey(args.seed)
-    k_bc, k_fqe, k_dice = jax.random.split(key, 3)
-    results: dict[str, dict[str, np.ndarray]] = {}
-    behavior, behavior_detail = None, None
+    return np.stack(mu_obs).astype(np.float32), np.stack(mu_next).astype(np.float32)
 
-    if set(estimators) & set(IS_FAMILY):
-        t0 = time.time()
-        logged = logged_log_probs(info, n) if args.behavior != "bc" else None
-        if args.behavior == "logged" and logged is None:
-            raise common.RunError(f"--behavior logged: {info['source']} stores no infos/action_log_probs; use --behavior bc")
-        if logged is not None and (args.behavior == "logged" or info["source_kind"] == "recipe"):
-            log_mu = unit_log_prob(logged, prep.act_low, prep.act_high)
-            behavior, behavior_detail = "logged", f"infos/action_log_probs of {info['source'].partition(':')[2]}"
-        else:
-            log_mu, nll = fit_behavior(args, arrays, k_bc)
-            behavior, behavior_detail = "bc", f"diagonal Gaussian, {args.bc_updates} updates, final NLL {nll:.3f}"
-        times["behavior"] = time.time() - t0
-        print(f"[{ALGORITHM}] behaviour log-densities: {behavior} ({behavior_detail}; {times['behavior']:.1f}s)", flush=True)
-        log_pi = jax.jit(jax.vmap(lambda m, a: gaussian_log_prob(m, jnp.log(args.policy_std), a), in_axes=(0, None)))
-        log_ratios = np.asarray(log_pi(jnp.asarray(mu_obs), jnp.asarray(arrays["actions"])), np.float64) - log_mu  # [P, N]
 
-    fqe_data = {**{k: arrays[k] for k in ("observations", "actions", "rewards", "next_observations", "terminals")},
-                "init_observations": arrays["observations"][init]}
-    means = {"next": mu_next, "init": mu_obs[:, init], "obs": mu_obs}
-    if "fqe" in estimators or "dr" in estimators:
-        t0 = time.time()
-        results["fqe"] = run_fqe(args, fqe_data, means, k_fqe, model_on_rows="dr" in estimators)
-        times["fqe"] = time.time() - t0
-    if "dualdice" in estimators:
-        t0 = time.time()
-        results["dualdice"] = run_dualdice(args, fqe_data, means, k_dice)
-        times["dualdice"] = time.time() - t0
+def behavior_log_ratios(args: Args, info: dict, prep: common.Prep, arrays: dict, mu_obs: np.ndarray,
+                        key: jax.Array) -> tuple[np.ndarray, str, str]:
+    """log pi(a|s) - log mu(a|s) per policy and row [P, N], with mu logged (recipe files) or fitted by BC; and which."""
+    n = len(arrays["rewards"])
+    logged = logged_log_probs(info, n) if args.behavior != "bc" else None
+    if args.behavior == "logged" and logged is None:
+        raise common.RunError(f"--behavior logged: {info['source']} stores no infos/action_log_probs; use --behavior bc")
+    if logged is not None and (args.behavior == "logged" or info["source_kind"] == "recipe"):
+        log_mu = unit_log_prob(logged, prep.act_low, prep.act_high)
+        behavior, detail = "logged", f"infos/action_log_probs of {info['source'].partition(':')[2]}"
+    else:
+        log_mu, nll = fit_behavior(args, arrays, key)
+        behavior, detail = "bc", f"diagonal Gaussian, {args.bc_updates} updates, final NLL {nll:.3f}"
+    log_pi = jax.jit(jax.vmap(lambda m, a: gaussian_log_prob(m, jnp.log(args.policy_std), a), in_axes=(0, None)))
+    return np.asarray(log_pi(jnp.asarray(mu_obs), jnp.asarray(arrays["actions"])), np.float64) - log_mu, behavior, detail
 
+
+def policy_rows(args: Args, policies: list[Policy], estimators: list[str], data: dict, ends: np.ndarray,
+                log_ratios: np.ndarray | None, results: dict, times: dict, behavior: str | None) -> list[dict]:
+    """Every policy's estimates (the IS family computed here, per policy), wall times and IS weight diagnostics; printed."""
     idx, mask = trajectory_index(ends)
     rewards_traj = to_trajectories(data["rewards"], idx, mask)
     absorbing = data["terminals"][ends - 1] > 0
     rows = []
     for i, p in enumerate(policies):
         est, wall, diag = {}, {}, None
-        if behavior is not None:
+        if log_ratios is not None:
             t0 = time.time()
             model = {"q_hat": to_trajectories(results["fqe"]["q"][i], idx, mask),
                      "v_hat": to_trajectories(results["fqe"]["v"][i], idx, mask)} if "dr" in estimators else {}
@@ -792,7 +764,7 @@ def main(args: Args) -> dict:
             lmax, lmin = float(res["log_max_weight"]), float(res["log_min_weight"])
             with np.errstate(over="ignore"):
                 diag = {"log_max_weight": lmax, "log_min_weight": lmin, "max_weight": _num(np.exp(lmax)), "min_weight": _num(np.exp(lmin)),
-                        "ess": float(res["ess"]), "num_trajectories": num_traj}
+                        "ess": float(res["ess"]), "num_trajectories": len(ends)}
         for e in ("fqe", "dualdice"):
             if e in estimators:
                 est[e], wall[e] = float(results[e]["values"][i]), times[e] / len(policies)
@@ -800,14 +772,51 @@ def main(args: Args) -> dict:
             print(f"[{ALGORITHM}] {p.spec} ({p.algorithm}) {e:<8s} {est[e]:12.3f}  ({wall[e]:.1f}s)", flush=True)
         if diag:
             print(f"[{ALGORITHM}] {p.spec} IS weights: log max {diag['log_max_weight']:.1f}, log min {diag['log_min_weight']:.1f}, "
-                  f"effective sample size {diag['ess']:.2f} of {num_traj} trajectories", flush=True)
+                  f"effective sample size {diag['ess']:.2f} of {len(ends)} trajectories", flush=True)
         rows.append({"spec": p.spec, "path": str(p.path), "seed": p.seed, "algorithm": p.algorithm, "estimates": {k: _num(v) for k, v in est.items()},
                      "wall_time_s": wall, "is_weights": diag, "behavior": behavior,
                      **({"fqe_loss": float(results["fqe"]["loss"][i])} if "fqe" in results else {}),
                      **({"dualdice_mean_ratio": float(results["dualdice"]["mean_ratio"][i])} if "dualdice" in results else {})})
+    return rows
 
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    policies = check_args(args)  # before any data is read: a typo is an error at once
+    estimators = [e for e in ESTIMATORS if e in args.estimators]
+    data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
+    env = common.make_eval_env(info, num_envs=1, seed=args.seed)  # the action box, checked against the data
+    prep = common.Prep.fit(data, env.single_action_space, normalize_states=True)
+    env.close()
+    arrays = prep.arrays(data)  # normalized states, [-1, 1] actions: the networks' inputs
+    ends, n = info["episode_ends"], len(data["rewards"])
+    init = initial_rows(ends)
+    label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
+    print(f"[{ALGORITHM}] {info['dataset']} ({info['source']}{label}): {n} transitions, {len(ends)} episodes; "
+          f"{len(policies)} policies as N(mu(s), {args.policy_std}^2) in [-1, 1]; discount {args.discount}", flush=True)
+    t0 = time.time()
+    mu_obs, mu_next = policy_means(policies, prep, data, info["obs_dim"])
+    times: dict[str, float] = {"policy_means": time.time() - t0}
+    k_bc, k_fqe, k_dice = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    log_ratios, behavior, behavior_detail, results = None, None, None, {}
+    if set(estimators) & set(IS_FAMILY):
+        t0 = time.time()
+        log_ratios, behavior, behavior_detail = behavior_log_ratios(args, info, prep, arrays, mu_obs, k_bc)
+        times["behavior"] = time.time() - t0
+        print(f"[{ALGORITHM}] behaviour log-densities: {behavior} ({behavior_detail}; {times['behavior']:.1f}s)", flush=True)
+    fqe_data = {**{k: arrays[k] for k in ("observations", "actions", "rewards", "next_observations", "terminals")},
+                "init_observations": arrays["observations"][init]}
+    means = {"next": mu_next, "init": mu_obs[:, init], "obs": mu_obs}
+    for name, wanted, run_fn in (("fqe", "fqe" in estimators or "dr" in estimators,
+                                  lambda: run_fqe(args, fqe_data, means, k_fqe, model_on_rows="dr" in estimators)),
+                                 ("dualdice", "dualdice" in estimators, lambda: run_dualdice(args, fqe_data, means, k_dice))):
+        if wanted:
+            t0 = time.time()
+            results[name] = run_fn()
+            times[name] = time.time() - t0
+    rows = policy_rows(args, policies, estimators, data, ends, log_ratios, results, times, behavior)
     times["total"] = time.time() - t_start
-    result = {"algorithm": ALGORITHM, **{k: info.get(k) for k in common.RESULT_KEYS[1:6]}, "num_transitions": n, "num_episodes": num_traj,
+    result = {"algorithm": ALGORITHM, **{k: info.get(k) for k in common.RESULT_KEYS[1:6]}, "num_transitions": n, "num_episodes": len(ends),
               "estimand": f"E[sum_t gamma^t r_t] from the dataset's initial states, gamma = {args.discount}",
               "evaluated_policy": f"N(mu(s), {args.policy_std}^2 I) in [-1, 1] action units, executed clipped to the box",
               "behavior": behavior, "behavior_detail": behavior_detail, "estimators": estimators, "policies": rows,
