@@ -154,7 +154,7 @@ class GaussianActor(nn.Module):
     init_log_std: float
     log_std_min: float
     log_std_max: float
-    tanh_mean: bool = True
+    tanh_mean: bool
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -8,7 +8,7 @@ The reference file runs as its authors ship it, with its own per-dataset config;
 interval, the seed and the device are overridden on its command line. What it imports but cannot have here is
 stood in for by `benchmarks/reference/shim/` (on PYTHONPATH): `gym` (the old API over gymnasium, building our eval
 env), `d4rl` (`qlearning_dataset` with d4rl's semantics, over our HDF5 file) and `wandb` (its logs go to a file).
-Each seed lands in benchmarks/runs/<label>/seed<S>/ (wandb.jsonl, stdout.log, result.json); the table in
+Each seed lands in benchmarks/runs/<label>/seed<S>/ (wandb.jsonl and reference.log, both git-ignored; result.json, with every evaluation); the table in
 benchmarks/results/<label>/reference.md, with the reference's commit, the commands, hardware and date.
 """
 
@@ -51,10 +51,10 @@ def run_seed(a: argparse.Namespace, seed: int, file: Path, info: dict, cell: Pat
                     OFFRL_REF_DATASET=str(file), OFFRL_REF_EVAL_ENV=info["eval_env"], OMP_NUM_THREADS="1")
     print(shlex.join(["python", *cmd[1:]]), flush=True)
     t0 = time.time()
-    with open(cell / "stdout.log", "w") as out:
+    with open(cell / "reference.log", "w") as out:
         rc = subprocess.run(cmd, cwd=a.repo, env=env_vars, stdout=out, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise SystemExit(f"{a.impl} seed {seed} failed (rc {rc}); see {cell / 'stdout.log'}")
+        raise SystemExit(f"{a.impl} seed {seed} failed (rc {rc}); see {cell / 'reference.log'}")
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     evals = [(r["step"] + 1, r[key]) for r in rows if key in r]
     returns = np.array([r for _, r in evals])
