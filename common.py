@@ -14,6 +14,7 @@ import difflib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -483,6 +484,14 @@ class Run:
                 "dataset": {k: self.info.get(k) for k in ("dataset", "task", *RESULT_KEYS[2:6])}, "history": self.history}
         blob = {"state": flax.serialization.to_state_dict(states), "step": self.step, "meta": json.dumps(meta)}
         Path(f"{self.save_path}.tmp").write_bytes(flax.serialization.msgpack_serialize(blob))
+        if self.args.keep_checkpoints and self.history and self.history[-1]["update"] == self.step:  # an evaluated update
+            kept = self.log_dir / "checkpoints" / f"{self.step}.msgpack"
+            kept.parent.mkdir(exist_ok=True)
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(f"{self.save_path}.tmp", kept)  # the same file, no copy (the next save replaces the name, not the data)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(f"{self.save_path}.tmp", kept)
         os.replace(f"{self.save_path}.tmp", self.save_path)
         self.saved_step = self.step
 

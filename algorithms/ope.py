@@ -18,13 +18,17 @@ Estimators (`--estimators`, default all), every one of the SAME quantity, define
     dr        doubly robust, per-decision form (Jiang & Li 2016; Thomas & Brunskill 2016), with FQE's Q as its model
     fqe       fitted Q evaluation (Le, Voloshin & Yue 2019): the mean over the initial states of E_{a~pi} Q(s_0, a)
     dualdice  DualDICE (Nachum, Chow, Dai & Li 2019): J = E_D[w(s,a) r] / (1 - gamma), w = d^pi / d^D
+    mb        model-based (DOPE's "MB", Fu et al. 2021; Paduraru 2007): a learned ensemble of Gaussian dynamics/reward models
+              and a termination classifier, rolled out from the initial states under pi
 
 The IS family weighs each recorded episode as it is, so it estimates the return up to the episode's end: a terminal ends it
 (absorbing, zero reward after), and a timeout-cut episode, like the file's cut-off last one, simply ends there. FQE and
 DualDICE bootstrap through timeouts and estimate the infinite-horizon value; with gamma = 0.99 and 1000-step episodes the
-difference, gamma^1000 = 4e-5 of the value, is negligible. FQE and DualDICE need gamma < 1 (`--discount 1.0`, the
-undiscounted return that online evaluation reports, is for is/pdis/wis only). `discounted_returns` computes the same
-quantity from episodes, for the online ground truth.
+difference, gamma^1000 = 4e-5 of the value, is negligible. MB rolls the model out for --mb-horizon steps (default: the eval
+env's time limit, the online episode's length) and ends a rollout where its termination head predicts a terminal
+(probability > 1/2), so it estimates the return up to the time limit or termination, as online evaluation does. FQE and DualDICE need gamma < 1
+(`--discount 1.0`, the undiscounted return that online evaluation reports, is for is/pdis/wis/mb only).
+`discounted_returns` computes the same quantity from episodes, for the online ground truth.
 
 Which policy is evaluated. A deterministic policy has no density, so importance sampling cannot weigh it. Every policy is
 therefore evaluated as the Gaussian pi(a|s) = N(mu(s), sigma^2 I) in the normalized action box [-1, 1] (the units every
@@ -32,7 +36,7 @@ algorithm trains in, common.Prep.to_unit), mu(s) the checkpoint's deterministic 
 DOPE's reference code, google-research/policy_eval, --target_policy_std). The env clips actions to its box; the densities
 here do not model that (IS weighs the data's in-box actions by the unclipped Gaussian density), while FQE and DualDICE
 sample the executed action clip(mu + sigma eps, -1, 1). THE ONLINE GROUND TRUTH MUST RUN THIS SAME NOISY POLICY, clipped
-by the env, not the deterministic one: `Prep.to_env(mu + sigma * eps)`.
+by the env, not the deterministic one: `Prep.to_env(mu + sigma * eps)`. MB's rollouts execute the same clipped action.
 
 Behaviour policy (for is/pdis/wis/dr). Recipe datasets (recipe/) store the exact log-density of every action under the SAC
 behaviour policy that took it (`infos/action_log_probs`); `--behavior auto` uses those for recipe files and otherwise fits a
@@ -43,15 +47,16 @@ Policies (`--policies`): `PATH` or `PATH:SEED` (a checkpoint of any algorithms/<
 run within a --num-seeds checkpoint, default 0) or `recipe:<env>-<medium|expert>` (a shipped behaviour policy; its
 deterministic action is tanh(mean)). Each policy's mean action is computed once, on the host, on every observation and next
 observation; FQE and DualDICE then train all policies in one jitted program, vmapped over policies (`jax.lax.scan` chunks,
-minibatches sampled on the device), whichever algorithm the policies come from.
+minibatches sampled on the device), whichever algorithm the policies come from. MB trains its one model the same way
+(vmapped over ensemble members) and then calls each policy on the host once per rollout step, on all rollouts at once.
 
 Output: one console line per policy and estimator, and a JSON file (--out; default runs/ope/<dataset>/<time>.json) with,
 per policy, the spec, algorithm, each estimate and its wall time, the IS weight diagnostics (the largest and smallest
-trajectory weight, in log space too, and the effective sample size (sum w)^2 / sum w^2 of the trajectory weights), and
-the behaviour source.
+trajectory weight, in log space too, and the effective sample size (sum w)^2 / sum w^2 of the trajectory weights), the
+behaviour source, and MB's mean rollout length; and MB's model (held-out NLL, MSE and termination error per member).
 
-Not in this file yet (issue #16, next stage): the model-based estimator and the benchmark report (online ground truth of
-the same noisy policies, the DOPE metrics per task and estimator).
+Not in this file (issue #16): the benchmark report -- the online ground truth of the same noisy policies and the DOPE
+metrics per task and estimator -- is benchmarks/dope.py's.
 """
 
 from __future__ import annotations
@@ -81,9 +86,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # common.py beside me first
 import common  # noqa: E402
 
 ALGORITHM = "ope"
-ESTIMATORS = ("is", "pdis", "wis", "dr", "fqe", "dualdice")
+ESTIMATORS = ("is", "pdis", "wis", "dr", "fqe", "dualdice", "mb")
 IS_FAMILY = ("is", "pdis", "wis", "dr")
-UPDATES_PER_CALL = 1000  # FQE/DualDICE/BC updates per device call (one jax.lax.scan)
+UPDATES_PER_CALL = 1000  # FQE/DualDICE/BC/MB-model updates per device call (one jax.lax.scan)
 ROWS_PER_BATCH = 1024  # rows per vmapped batch when a network is evaluated on the whole dataset (jax.lax.map)
 
 
@@ -101,23 +106,24 @@ class Args:
     policies: list[str] = dataclasses.field(default_factory=list)
     """Policies to evaluate: PATH or PATH:SEED (a checkpoint of any algorithm; SEED: which of its --num-seeds runs, default 0),
     or recipe:<env>-<medium|expert> (a shipped behaviour policy)."""
-    estimators: list[Literal["is", "pdis", "wis", "dr", "fqe", "dualdice"]] = dataclasses.field(default_factory=lambda: list(ESTIMATORS))
+    estimators: list[Literal["is", "pdis", "wis", "dr", "fqe", "dualdice", "mb"]] = dataclasses.field(default_factory=lambda: list(ESTIMATORS))
     """Estimators to run (dr trains FQE as its model)."""
     seed: int = 0
-    """Random seed of the networks (FQE, DualDICE, behaviour cloning), their minibatches and the sampled policy actions."""
+    """Random seed of the networks (FQE, DualDICE, behaviour cloning, MB's model), their minibatches, the sampled policy
+    actions and MB's rollouts."""
     policy_std: float = 0.1
     """sigma of the evaluated policy N(mu(s), sigma^2) in [-1, 1] action units (DOPE's policy_eval: target_policy_std 0.1)."""
     behavior: Literal["auto", "logged", "bc"] = "auto"
     """Behaviour log-densities for the IS family: logged (the file's infos/action_log_probs), bc (a fitted diagonal Gaussian),
     or auto (logged for recipe datasets, else bc)."""
     discount: float = 0.99
-    """Discount gamma of the estimated return E[sum_t gamma^t r_t] (Le et al. 2019 and DOPE: 0.99); 1.0 only for is/pdis/wis."""
+    """Discount gamma of the estimated return E[sum_t gamma^t r_t] (Le et al. 2019 and DOPE: 0.99); 1.0 only for is/pdis/wis/mb."""
     hidden_dim: int = 256
     """Width of every hidden layer (DOPE's policy_eval: 2x256 MLPs)."""
     num_layers: int = 2
     """Number of hidden layers (DOPE's policy_eval: 2)."""
     batch_size: int = 256
-    """Minibatch size (DOPE's policy_eval: 256)."""
+    """Minibatch size, of MB's model too (DOPE's policy_eval: 256; MBPO's model: 256)."""
     fqe_updates: int = 1_000_000
     """FQE gradient updates (DOPE's policy_eval: 1M; a short run: 100000)."""
     fqe_lr: float = 3e-4
@@ -134,6 +140,28 @@ class Args:
     """Gradient updates of the behaviour-cloning Gaussian (used with --behavior bc, or auto without logged log-densities)."""
     num_action_samples: int = 10
     """Actions sampled from pi per state for E_{a~pi} Q(s, a) (FQE's estimate and DR's V)."""
+    mb_ensemble: int = 5
+    """Members of MB's ensemble; each rollout step samples from a random one (MOPO/MBPO roll out with a random one of their
+    5 elites of 7; here every member is used)."""
+    mb_hidden_dim: int = 200
+    """Width of MB's model MLPs (MBPO/MOPO: 200)."""
+    mb_num_layers: int = 4
+    """Hidden (swish) layers of MB's model MLPs (MBPO/MOPO: 4)."""
+    mb_updates: int = 100_000
+    """Gradient updates of MB's model, every member (this project's choice: about 25 passes over 1M transitions at batch
+    256; MOPO/MBPO train to early stopping on a held-out split instead)."""
+    mb_lr: float = 1e-3
+    """Adam learning rate of MB's model (MBPO/MOPO: 1e-3)."""
+    mb_weight_decay: float = 1.0
+    """Multiplier of MBPO's per-layer L2 weight decays (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4) in MB's model loss; 0 disables them."""
+    mb_holdout_ratio: float = 0.05
+    """Fraction of the transitions held out of MB's model training, for its reported held-out NLL, MSE and termination
+    error (0: none held out, nothing reported)."""
+    mb_horizon: int | None = None
+    """MB's rollout length H. Default: the eval env's time limit (1000 for the MuJoCo tasks, as the online episodes;
+    gamma^1000 = 4e-5 at gamma 0.99), or 1000 if it has none. Cost: H policy calls and model steps per policy."""
+    mb_rollouts: int = 1
+    """MB's rollouts per initial state (the estimate averages all of them)."""
     out: str | None = None
     """JSON file of the results. Default: runs/ope/<dataset>/<time>.json."""
 
@@ -319,9 +347,10 @@ def sample_actions(key: jax.Array, mean: jax.Array, std: float) -> jax.Array:
     return jnp.clip(mean + std * jax.random.normal(key, mean.shape), -1.0, 1.0)
 
 
-# ---- Training loop shared by FQE, DualDICE and BC: jit(scan(vmap over policies)) ----
+# ---- Training loop shared by FQE, DualDICE, BC and MB's model: jit(scan(vmap over policies, or ensemble members)) ----
 def make_train_chunk(update: Callable) -> Callable:
-    """`num_steps` updates of every policy's state in one device call; returns the mean loss and whether all were finite."""
+    """`num_steps` updates of every policy's (or ensemble member's) state in one device call; returns the mean loss and
+    whether all were finite."""
 
     def chunk(states: Any, data: dict[str, jax.Array], per_policy: dict[str, jax.Array], num_steps: int):
         def body(carry, _):
@@ -333,8 +362,10 @@ def make_train_chunk(update: Callable) -> Callable:
     return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
 
 
-def train(name: str, chunk: Callable, states: Any, data: dict, per_policy: dict, num_updates: int) -> tuple[Any, np.ndarray]:
-    """Run num_updates updates in device calls of UPDATES_PER_CALL; a non-finite loss stops with a one-line error."""
+def train(name: str, chunk: Callable, states: Any, data: dict, per_policy: dict, num_updates: int,
+          unit: str = "policy") -> tuple[Any, np.ndarray]:
+    """Run num_updates updates in device calls of UPDATES_PER_CALL; a non-finite loss stops with a one-line error naming
+    the `unit` (policy, or ensemble member) whose loss it was."""
     done, last_line, t0 = 0, time.time(), time.time()
     loss = np.full(1, np.nan)
     while done < num_updates:
@@ -342,7 +373,7 @@ def train(name: str, chunk: Callable, states: Any, data: dict, per_policy: dict,
         states, loss, finite = chunk(states, data, per_policy, num_steps=n)
         loss, finite = jax.device_get((loss, finite))
         if not finite.all():
-            raise common.RunError(f"{name}: non-finite loss in updates {done + 1}-{done + n} (policy {int(np.flatnonzero(~finite)[0])})")
+            raise common.RunError(f"{name}: non-finite loss in updates {done + 1}-{done + n} ({unit} {int(np.flatnonzero(~finite)[0])})")
         done += n
         if time.time() - last_line >= 10 and done < num_updates:
             print(f"[{ALGORITHM}] {name}: update {done}/{num_updates} | {done / (time.time() - t0):.0f} upd/s", flush=True)
@@ -553,6 +584,206 @@ def run_dualdice(args: Args, data: dict[str, np.ndarray], means: dict[str, np.nd
     return {"values": (w * r).mean(1) / (1.0 - gamma), "mean_ratio": w.mean(1), "loss": loss}
 
 
+# ---- MB: a learned model rolled out (DOPE's "MB", Fu et al. 2021; Paduraru 2007) ----
+class GaussianDynamics(nn.Module):
+    """One ensemble member: (s, a) -> mean and bounded log-variance of the standardized (s' - s, r), and the logit of
+    `done` (MOPO's GaussianDynamics, after MBPO/PETS, plus a termination head on the same trunk).
+
+    Soft bounds as in PETS/MBPO: logvar = max - softplus(max - x), then min + softplus(logvar - min), with learned
+    max_logvar (init 0.5) and min_logvar (init -10) that mb_loss regularizes.
+    """
+
+    out_dim: int
+    hidden_dim: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        for i in range(self.num_layers):
+            x = nn.swish(nn.Dense(self.hidden_dim, name=f"hidden_{i}")(x))
+        out = nn.Dense(2 * self.out_dim + 1, name="out")(x)
+        d = self.out_dim
+        mean, logvar, logit = out[..., :d], out[..., d:2 * d], out[..., 2 * d]
+        max_logvar = self.param("max_logvar", nn.initializers.constant(0.5), (d,))
+        min_logvar = self.param("min_logvar", nn.initializers.constant(-10.0), (d,))
+        logvar = max_logvar - jax.nn.softplus(max_logvar - logvar)
+        return mean, min_logvar + jax.nn.softplus(logvar - min_logvar), logit
+
+
+MBPO_WEIGHT_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # hidden layers..., output layer (MBPO's bnn; mopo.py)
+
+
+def mb_loss(model_def: nn.Module, params: Any, x: jax.Array, y: jax.Array, done: jax.Array, decay_scale: float) -> jax.Array:
+    """One member's loss on a batch: the Gaussian NLL (up to constants, mean over the target dims; MBPO/MOPO), the sigmoid
+    cross-entropy of `done`, MBPO's logvar-bound term 0.01 (sum max_logvar - sum min_logvar) and its L2 weight decays."""
+    mean, logvar, logit = model_def.apply(params, x)
+    nll = (((mean - y) ** 2) * jnp.exp(-logvar) + logvar).mean()
+    p = params["params"]
+    bounds = 0.01 * (p["max_logvar"].sum() - p["min_logvar"].sum())
+    decays = {f"hidden_{i}": MBPO_WEIGHT_DECAYS[min(i, 3)] for i in range(model_def.num_layers)} | {"out": MBPO_WEIGHT_DECAYS[4]}
+    l2 = sum(d * 0.5 * (p[name]["kernel"] ** 2).sum() for name, d in decays.items())
+    return nll + optax.sigmoid_binary_cross_entropy(logit, done).mean() + bounds + decay_scale * l2
+
+
+@flax.struct.dataclass
+class ModelState:
+    model: TrainState
+    key: jax.Array
+
+
+# step(params, key, obs [B, obs], action [B, act]) -> (next_obs [B, obs], reward [B], done [B] bool): one model transition
+ModelStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def one_member_per_row(apply: Callable, members: Any, x: jax.Array, key: jax.Array) -> Any:
+    """apply(member params, rows) of a random member per row of x [B, ...], at the cost of one member's pass over B rows:
+    the rows (padded to a multiple of the M members by repeats) are shuffled into M equal groups, group i through member
+    i (members: params stacked on axis 0); row r's output is taken where the shuffle put it."""
+    b, m = x.shape[0], jax.tree.leaves(members)[0].shape[0]
+    perm = jax.random.permutation(key, -(-b // m) * m)
+    out = jax.vmap(apply)(members, x[perm % b].reshape(m, -1, *x.shape[1:]))
+    at = jnp.argsort(perm)[:b]
+    return jax.tree.map(lambda z: z.reshape(len(perm), *z.shape[2:])[at], out)
+
+
+def learned_step(model_def: nn.Module) -> ModelStep:
+    """The learned ensemble as a model step: each row samples (s' - s, r) from a random member's Gaussian (MOPO/MBPO's
+    rollouts) and ends where that member's termination probability exceeds 1/2. params: net (the members' parameters,
+    stacked), y_mean / y_std (the targets' standardization), and the data's box of states and range of rewards, to which
+    s' and r are clipped (the model's extrapolation stays in the data's range, as FQE's targets are clipped to it)."""
+
+    def step(params: dict, key: jax.Array, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        k_member, k_noise = jax.random.split(key)
+        b, d = obs.shape
+        mean, logvar, logit = one_member_per_row(model_def.apply, params["net"], jnp.concatenate([obs, action], -1), k_member)
+        y = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_noise, (b, d + 1))
+        y = params["y_mean"] + params["y_std"] * y
+        next_obs = jnp.clip(obs + y[:, :d], params["obs_low"], params["obs_high"])
+        # a threshold, not a sampled Bernoulli: the classifier learns terminals from rare rows, and a small false hazard
+        # per step (p = 1e-3) would, sampled over 1000 steps, end most rollouts; MuJoCo terminations are deterministic
+        return next_obs, jnp.clip(y[:, d], params["reward_low"], params["reward_high"]), logit.reshape(b) > 0.0
+
+    return step
+
+
+def fit_dynamics(args: Args, data: dict[str, np.ndarray], key: jax.Array) -> dict[str, Any]:
+    """MB's model: an ensemble of --mb-ensemble GaussianDynamics fit to (s, a) -> (s' - s, r) and `done` by mb_loss, all
+    members vmapped, each sampling its own minibatches. data: observations, actions, rewards, next_observations,
+    terminals [N, ...], in the networks' units (normalized states, [-1, 1] actions). Returns step (learned_step) and its
+    params, the final training loss [members] and, with a held-out split, per member its NLL per target dim (standardized
+    units, with the 0.5 log 2 pi), MSE of s' (normalized-state units, mean over dims) and of r (reward units) and error
+    rate of done (the terminal rate beside it)."""
+    x = np.concatenate([data["observations"], data["actions"]], 1).astype(np.float32)
+    y = np.concatenate([data["next_observations"] - data["observations"], np.asarray(data["rewards"])[:, None]], 1).astype(np.float32)
+    done = np.asarray(data["terminals"], np.float32)
+    n, obs_dim = len(x), data["observations"].shape[1]
+    perm = np.random.default_rng(np.asarray(jax.random.key_data(key))).permutation(n)  # on the host: no compile
+    n_hold = min(int(n * args.mb_holdout_ratio), n - 1)
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    y_mean, y_std = y[fit].mean(0), y[fit].std(0)
+    y_std = np.where(y_std < 1e-8, 1.0, y_std).astype(np.float32)  # targets standardized (MOPO standardizes the inputs
+    # only; the networks' inputs here are already normalized states and [-1, 1] actions): the logvar bounds fit every dim
+    dev = {"x": jnp.asarray(x[fit]), "y": jnp.asarray((y[fit] - y_mean) / y_std), "done": jnp.asarray(done[fit])}
+    model_def = GaussianDynamics(obs_dim + 1, args.mb_hidden_dim, args.mb_num_layers)
+    tx = optax.adam(args.mb_lr)
+
+    def init(k: jax.Array) -> ModelState:
+        k, k_net = jax.random.split(k)
+        return ModelState(model=TrainState.create(apply_fn=model_def.apply, params=model_def.init(k_net, jnp.zeros((1, x.shape[1]))), tx=tx), key=k)
+
+    def update(state: ModelState, d: dict, _: dict) -> tuple[ModelState, jax.Array]:
+        key, k_idx = jax.random.split(state.key)
+        idx = jax.random.randint(k_idx, (args.batch_size,), 0, d["x"].shape[0])
+        loss, grads = jax.value_and_grad(lambda p: mb_loss(model_def, p, d["x"][idx], d["y"][idx], d["done"][idx],
+                                                           args.mb_weight_decay))(state.model.params)
+        return ModelState(model=state.model.apply_gradients(grads=grads), key=key), loss
+
+    states = jax.jit(lambda k: jax.vmap(init)(jax.random.split(k, args.mb_ensemble)))(key)
+    states, loss = train("mb", make_train_chunk(update), states, dev, {}, args.mb_updates, unit="ensemble member")
+    states = jax.device_get(states)  # out of the donated buffers
+
+    holdout = None
+    if n_hold:
+        @jax.jit
+        def metrics(net, xh, yh, dh):
+            def row(xi, yi, di):  # every member at one held-out row: [members] each
+                mean, logvar, logit = jax.vmap(lambda p: model_def.apply(p, xi))(net)
+                z = (yi - y_mean) / y_std
+                err = (y_std * (mean - z)) ** 2
+                return {"nll": (0.5 * ((mean - z) ** 2 * jnp.exp(-logvar) + logvar + jnp.log(2 * jnp.pi))).mean(-1),
+                        "obs_mse": err[:, :obs_dim].mean(-1), "reward_mse": err[:, obs_dim], "done_error": ((logit > 0) != (di > 0.5)) * 1.0}
+
+            return jax.tree.map(lambda v: v.mean(0), over_rows(row, xh, yh, dh))
+
+        holdout = {k: np.asarray(v, np.float64).tolist() for k, v in metrics(states.model.params, x[hold], y[hold], done[hold]).items()}
+        holdout.update(num_rows=int(n_hold), terminal_rate=float(done[hold].mean()))
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    both = np.concatenate([data["observations"], data["next_observations"]])
+    params = {"net": states.model.params, "y_mean": f32(y_mean), "y_std": f32(y_std), "obs_low": f32(both.min(0)),
+              "obs_high": f32(both.max(0)), "reward_low": f32(y[:, obs_dim].min()), "reward_high": f32(y[:, obs_dim].max())}
+    return {"step": learned_step(model_def), "params": params, "loss": np.asarray(loss, np.float64), "holdout": holdout}
+
+
+def _rollout_step(step: ModelStep, params: Any, carry: dict, mean_action: jax.Array, key: jax.Array, t: jax.Array,
+                  discount: float, policy_std: float) -> tuple[dict, jax.Array]:
+    """Step t of every rollout: a ~ clip(mu(s) + sigma eps, -1, 1), (s', r, done) from the model; r counts while alive.
+    Returns the carry and whether any rollout is still alive."""
+    k_act, k_model = jax.random.split(jax.random.fold_in(key, t))
+    next_obs, reward, done = step(params, k_model, carry["obs"], sample_actions(k_act, mean_action, policy_std))
+    alive = carry["alive"]
+    ret = carry["ret"] + jnp.where(alive, carry["discount"] * reward, 0.0)  # where, not *: a dead row's garbage (NaN) stays out
+    still = alive & ~done.astype(bool)
+    return {"obs": jnp.where(still[:, None], next_obs, carry["obs"]), "alive": still, "ret": ret,
+            "length": carry["length"] + alive, "discount": carry["discount"] * discount}, still.any()
+
+
+rollout_step = jax.jit(_rollout_step, static_argnums=0)  # one compile per model step function (all policies share it)
+
+
+def model_rollout(step: ModelStep, params: Any, act: Callable[[np.ndarray], np.ndarray], obs0: np.ndarray, horizon: int,
+                  discount: float, policy_std: float, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """One rollout of pi in a model from every row of obs0 [B, obs]: the returns sum_{t < H} gamma^t r_t up to the first
+    predicted terminal (its reward included; absorbing after, as in the IS family) [B], and the rollout lengths [B].
+
+    step: the model (ModelStep; learned_step, or an exact one in the tests) with its params; act: the policy's mean action
+    in [-1, 1] at states in the model's units (obs [B, obs] -> [B, act], a host function: a checkpoint of any algorithm),
+    called once per step on all rows; the executed action is clip(mu + sigma eps, -1, 1) (sample_actions). Stops early
+    when every rollout has ended."""
+    b = len(obs0)  # the carry starts as numpy arrays: no eager device op, nothing compiled but rollout_step
+    carry = {"obs": np.asarray(obs0, np.float32), "alive": np.ones(b, bool), "ret": np.zeros(b, np.float32),
+             "length": np.zeros(b, np.int32), "discount": np.ones((), np.float32)}
+    for t in range(horizon):
+        mean_action = np.asarray(act(np.asarray(carry["obs"])), np.float32)
+        carry, any_alive = rollout_step(step, params, carry, mean_action, key, t, discount, policy_std)
+        if not bool(any_alive):
+            break
+    return np.asarray(carry["ret"], np.float64), np.asarray(carry["length"])
+
+
+def run_mb(args: Args, data: dict[str, np.ndarray], acts: Sequence[Callable[[np.ndarray], np.ndarray]], horizon: int,
+           key: jax.Array) -> dict[str, Any]:
+    """MB of every policy: one model (fit_dynamics), then per policy --mb-rollouts model_rollout's of `horizon` steps from
+    every initial state. data as in run_fqe (init_observations: the rollouts' starts); acts: each policy's mean action
+    in [-1, 1] at normalized states (model_units_act). Returns values [P] (the mean return, in the data's reward units),
+    mean_length [P] (of the rollouts), rollout_time_s [P], train_time_s and the model's metrics (fit_dynamics')."""
+    keys = np.asarray(jax.random.split(key, len(acts) + 1))  # the model's, then each policy's rollouts'
+    t0 = time.time()
+    model = fit_dynamics(args, data, keys[0])
+    train_time = time.time() - t0
+    obs0 = np.repeat(np.asarray(data["init_observations"], np.float32), args.mb_rollouts, axis=0)
+    values, lengths, rollout_times = [], [], []
+    for i, act in enumerate(acts):
+        t0 = time.time()
+        ret, length = model_rollout(model["step"], model["params"], act, obs0, horizon, args.discount, args.policy_std, keys[i + 1])
+        values.append(ret.mean())
+        lengths.append(length.mean())
+        rollout_times.append(time.time() - t0)
+        print(f"[{ALGORITHM}] mb: policy {i + 1}/{len(acts)} rolled out from {len(obs0)} states, mean length {lengths[-1]:.1f} "
+              f"of {horizon} ({rollout_times[-1]:.1f}s)", flush=True)
+    return {"values": np.array(values), "mean_length": np.array(lengths), "rollout_time_s": np.array(rollout_times),
+            "train_time_s": train_time, "loss": model["loss"], "holdout": model["holdout"]}
+
+
 # ---- DOPE metrics (Fu et al. 2021) ----
 def rankdata(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties given their average rank."""
@@ -691,6 +922,11 @@ def apply_in_chunks(act: Callable[[np.ndarray], np.ndarray], x: np.ndarray, chun
     return np.concatenate(out)
 
 
+def model_units_act(act: Callable[[np.ndarray], np.ndarray], prep: common.Prep) -> Callable[[np.ndarray], np.ndarray]:
+    """act(raw obs) -> env action (load_act) as normalized obs -> mean action in [-1, 1]: the policy in MB's model units."""
+    return lambda obs: prep.to_unit(apply_in_chunks(act, np.asarray(obs, np.float32) * prep.obs_std + prep.obs_mean))
+
+
 # ---- Main ----
 def check_args(args: Args) -> list[Policy]:
     if not args.policies:
@@ -700,12 +936,17 @@ def check_args(args: Args) -> list[Policy]:
     if not 0.0 < args.discount <= 1.0:
         raise common.RunError("--discount must be in (0, 1]")
     if args.discount >= 1.0 and set(args.estimators) & {"dr", "fqe", "dualdice"}:
-        raise common.RunError("--discount 1 is only for is/pdis/wis; dr, fqe and dualdice need a discount < 1")
+        raise common.RunError("--discount 1 is only for is/pdis/wis/mb; dr, fqe and dualdice need a discount < 1")
     if args.policy_std <= 0:
         raise common.RunError("--policy-std must be > 0 (a deterministic policy has no density)")
-    for name in ("batch_size", "fqe_updates", "dualdice_updates", "bc_updates", "num_action_samples", "hidden_dim"):
+    for name in ("batch_size", "fqe_updates", "dualdice_updates", "bc_updates", "num_action_samples", "hidden_dim",
+                 "mb_ensemble", "mb_hidden_dim", "mb_updates", "mb_rollouts"):
         if getattr(args, name) < 1:
             raise common.RunError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.mb_horizon is not None and args.mb_horizon < 1:
+        raise common.RunError("--mb-horizon must be >= 1")
+    if not 0.0 <= args.mb_holdout_ratio < 1.0:
+        raise common.RunError("--mb-holdout-ratio must be in [0, 1)")
     return [parse_policy(s) for s in args.policies]
 
 
@@ -768,6 +1009,9 @@ def policy_rows(args: Args, policies: list[Policy], estimators: list[str], data:
         for e in ("fqe", "dualdice"):
             if e in estimators:
                 est[e], wall[e] = float(results[e]["values"][i]), times[e] / len(policies)
+        if "mb" in estimators:  # the one model's training shared, and this policy's rollouts
+            est["mb"] = float(results["mb"]["values"][i])
+            wall["mb"] = results["mb"]["train_time_s"] / len(policies) + float(results["mb"]["rollout_time_s"][i])
         for e in estimators:
             print(f"[{ALGORITHM}] {p.spec} ({p.algorithm}) {e:<8s} {est[e]:12.3f}  ({wall[e]:.1f}s)", flush=True)
         if diag:
@@ -776,7 +1020,8 @@ def policy_rows(args: Args, policies: list[Policy], estimators: list[str], data:
         rows.append({"spec": p.spec, "path": str(p.path), "seed": p.seed, "algorithm": p.algorithm, "estimates": {k: _num(v) for k, v in est.items()},
                      "wall_time_s": wall, "is_weights": diag, "behavior": behavior,
                      **({"fqe_loss": float(results["fqe"]["loss"][i])} if "fqe" in results else {}),
-                     **({"dualdice_mean_ratio": float(results["dualdice"]["mean_ratio"][i])} if "dualdice" in results else {})})
+                     **({"dualdice_mean_ratio": float(results["dualdice"]["mean_ratio"][i])} if "dualdice" in results else {}),
+                     **({"mb_mean_rollout_length": float(results["mb"]["mean_length"][i])} if "mb" in results else {})})
     return rows
 
 
@@ -787,6 +1032,7 @@ def main(args: Args) -> dict:
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
     env = common.make_eval_env(info, num_envs=1, seed=args.seed)  # the action box, checked against the data
     prep = common.Prep.fit(data, env.single_action_space, normalize_states=True)
+    time_limit = getattr(env.envs[0].spec, "max_episode_steps", None)
     env.close()
     arrays = prep.arrays(data)  # normalized states, [-1, 1] actions: the networks' inputs
     ends, n = info["episode_ends"], len(data["rewards"])
@@ -798,6 +1044,8 @@ def main(args: Args) -> dict:
     mu_obs, mu_next = policy_means(policies, prep, data, info["obs_dim"])
     times: dict[str, float] = {"policy_means": time.time() - t0}
     k_bc, k_fqe, k_dice = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    k_mb = jax.random.fold_in(jax.random.PRNGKey(args.seed), 3)  # beside the split: the others' keys stay as they were
+    horizon = args.mb_horizon or time_limit or 1000
     log_ratios, behavior, behavior_detail, results = None, None, None, {}
     if set(estimators) & set(IS_FAMILY):
         t0 = time.time()
@@ -809,19 +1057,32 @@ def main(args: Args) -> dict:
     means = {"next": mu_next, "init": mu_obs[:, init], "obs": mu_obs}
     for name, wanted, run_fn in (("fqe", "fqe" in estimators or "dr" in estimators,
                                   lambda: run_fqe(args, fqe_data, means, k_fqe, model_on_rows="dr" in estimators)),
-                                 ("dualdice", "dualdice" in estimators, lambda: run_dualdice(args, fqe_data, means, k_dice))):
+                                 ("dualdice", "dualdice" in estimators, lambda: run_dualdice(args, fqe_data, means, k_dice)),
+                                 ("mb", "mb" in estimators, lambda: run_mb(
+                                     args, fqe_data, [model_units_act(load_act(p, info["obs_dim"]), prep) for p in policies], horizon, k_mb))):
         if wanted:
             t0 = time.time()
             results[name] = run_fn()
             times[name] = time.time() - t0
+    if "mb" in results:
+        mb = results["mb"]
+        hold = mb["holdout"]
+        print(f"[{ALGORITHM}] mb model: {args.mb_ensemble} members, {args.mb_updates} updates ({mb['train_time_s']:.1f}s), "
+              f"final loss {np.mean(mb['loss']):.3f}" + (f"; held out ({hold['num_rows']} rows): NLL/dim {np.mean(hold['nll']):.3f}, "
+              f"state MSE {np.mean(hold['obs_mse']):.4f}, reward MSE {np.mean(hold['reward_mse']):.4f}, done error "
+              f"{np.mean(hold['done_error']):.4f} (terminal rate {hold['terminal_rate']:.4f})" if hold else "")
+              + f"; rollouts of {horizon} steps", flush=True)
     rows = policy_rows(args, policies, estimators, data, ends, log_ratios, results, times, behavior)
     times["total"] = time.time() - t_start
     result = {"algorithm": ALGORITHM, **{k: info.get(k) for k in common.RESULT_KEYS[1:6]}, "num_transitions": n, "num_episodes": len(ends),
               "estimand": f"E[sum_t gamma^t r_t] from the dataset's initial states, gamma = {args.discount}",
               "evaluated_policy": f"N(mu(s), {args.policy_std}^2 I) in [-1, 1] action units, executed clipped to the box",
               "behavior": behavior, "behavior_detail": behavior_detail, "estimators": estimators, "policies": rows,
+              "mb_model": {"horizon": horizon, "rollouts_per_initial_state": args.mb_rollouts, "train_time_s": results["mb"]["train_time_s"],
+                           "final_loss": results["mb"]["loss"].tolist(), "holdout": results["mb"]["holdout"]} if "mb" in results else None,
               "wall_time_s": times, "wall_time_note": "fqe/dualdice train all policies in one vmapped call: per policy is that "
-              "call's time / number of policies; is/pdis/wis/dr per policy is one call computing them together (dr adds fqe's share)",
+              "call's time / number of policies; is/pdis/wis/dr per policy is one call computing them together (dr adds fqe's share); "
+              "mb per policy is its model's training time / number of policies + that policy's rollouts",
               "config": dataclasses.asdict(args)}
     tag = Path(str(info["dataset"])).stem if args.dataset else info["dataset"]
     out = Path(args.out or f"runs/ope/{tag}/{time.strftime('%Y%m%d-%H%M%S')}.json")

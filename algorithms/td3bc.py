@@ -66,6 +66,8 @@ class Args:
     """Checkpoint file, rewritten at every evaluation and on Ctrl-C. Default: <log_dir>/checkpoint.msgpack."""
     load: str | None = None
     """Checkpoint to resume, in its own folder and with its config and schedule (flags given here override); --num-updates 0 only evaluates it."""
+    keep_checkpoints: bool = False
+    """Also keep the checkpoint of every evaluation, as <log_dir>/checkpoints/<update>.msgpack (the policy family of off-policy evaluation, benchmarks/dope.py)."""
     hidden_dim: int = 256
     """Width of every hidden layer (TD3+BC paper, App. C: 2x256 actor and critics)."""
     num_layers: int = 2

@@ -59,7 +59,7 @@ def run_seed(a: argparse.Namespace, seed: int, file: Path, info: dict, cell: Pat
     evals = [(r["step"] + 1, r[key]) for r in rows if key in r]
     returns = np.array([r for _, r in evals])
     norm = common.normalized_score(info, returns)
-    result = {"impl": a.impl, "seed": seed, "dataset": info["dataset"], "dataset_sha256": info.get("sha256"),
+    result = {"impl": a.impl, "seed": seed, "dataset": info["dataset"], "dataset_sha256": info.get("dataset_sha256"),
               "command": shlex.join(["python", *cmd[1:]]), "updates": [u for u, _ in evals], "returns": returns.tolist(),
               "normalized": None if norm is None else norm.tolist(), "wall_time_s": round(time.time() - t0, 1)}
     (cell / "result.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -102,7 +102,7 @@ def main() -> None:
              "(shims for gym, d4rl and wandb: benchmarks/reference/shim/).",
              f"- {a.num_updates} updates, seeds {' '.join(map(str, a.seeds))}, the reference's own evaluation "
              f"(its episode count and test seed) every {a.eval_interval}; {label} score.",
-             f"- Data: {info['source']} (sha256 {str(info.get('sha256'))[:12]}); hardware: {hardware()}; "
+             f"- Data: {info['source']} (sha256 {str(info.get('dataset_sha256'))[:12]}); hardware: {hardware()}; "
              f"date {time.strftime('%Y-%m-%d', time.gmtime())}.",
              f"- Command: `python benchmarks/reference.py {shlex.join(sys.argv[1:])}`", "",
              "| seed | last | best | curve | wall time |", "|---|---|---|---|---|",

@@ -163,3 +163,80 @@ print(open(os.environ["OFFRL_REF_LOG"]).read())
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[1]) == {"step": 9, "eval_score": 2.5}
+
+
+def _dope():
+    import dope
+
+    return dope
+
+
+def test_dope_selection_regret_by_hand():
+    dope = _dope()
+    pol = lambda s, algo, setting, seed, u: {"spec": s, "algorithm": algo, "setting": setting, "seed": seed, "update": u}
+    policies = [pol("a1", "x", "s1", 0, 10), pol("a2", "x", "s1", 0, 20), pol("a3", "x", "s1", 0, 30),
+                pol("b1", "x", "s2", 0, 10), pol("b2", "x", "s2", 0, 20), pol("r", "recipe-sac", "recipe-medium", 0, None)]
+    true = {"a1": 1.0, "a2": 5.0, "a3": 2.0, "b1": 4.0, "b2": 3.0, "r": 9.0}
+    truth = {s: {"normalized": v} for s, v in true.items()}
+    oracle = np.array([true[p["spec"]] for p in policies])
+    sel = dope.selection(policies, truth, {"oracle": oracle, "reversed": -oracle}, "normalized")
+    # per run: online best minus the chosen; "last" takes the last checkpoint; the recipe policy is in no run
+    assert sel["per_run"][("x", "s1", 0)] == {"last": 3.0, "oracle": 0.0, "reversed": 4.0}
+    assert sel["per_run"][("x", "s2", 0)] == {"last": 1.0, "oracle": 0.0, "reversed": 1.0}
+    # per algorithm: settings compared by their last checkpoints (s1: 2.0, s2: 3.0)
+    assert sel["per_algorithm"]["x"]["settings"] == {"s1": 2.0, "s2": 3.0}
+    assert sel["per_algorithm"]["x"]["oracle"] == 0.0 and sel["per_algorithm"]["x"]["reversed"] == 1.0
+
+
+def test_dope_ground_truth_rollouts_discount_and_stop_at_episode_ends():
+    dope = _dope()
+    import common
+
+    class Env:  # reward 1 per step; sub-env i terminates after i + 2 steps; records the actions it is given
+        num_envs = 2
+
+        def reset(self, seed=None):
+            self.t, self.actions = 0, []
+            return np.zeros((2, 1), np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            self.actions.append(action)
+            end = np.array([self.t >= 2, self.t >= 3])
+            return np.zeros((2, 1), np.float32), np.ones(2), end, np.zeros(2, bool), {}
+
+    env, prep = Env(), common.Prep(np.zeros(1), np.ones(1), np.array([-2.0]), np.array([2.0]))
+    disc, plain = dope.rollout_values(env, lambda o: np.full((len(o), 1), 1.9, np.float32), prep, 0.1, 0.5,
+                                      np.random.default_rng(0), 0)
+    np.testing.assert_allclose(plain, [2.0, 3.0])
+    np.testing.assert_allclose(disc, [1.5, 1.75])  # 1 + 0.5, 1 + 0.5 + 0.25
+    a = np.concatenate(env.actions)
+    assert a.max() <= 2.0 and a.std() > 0  # the noisy policy, clipped to the box by Prep.to_env
+
+
+MB_GROUP, ESTIMATORS_RUN = "dualdice mb", ("is", "pdis", "wis", "dr", "fqe", "dualdice", "mb")
+MB_FLAGS = "--mb-updates 20 --mb-horizon 5 --mb-hidden-dim 16 --mb-num-layers 2 --mb-ensemble 2"
+
+
+def test_dope_report_end_to_end(tmp_path):
+    """benchmarks/dope.py at tiny sizes: a bc family with kept checkpoints (2 evaluations x 2 seeds), its online truth, two
+    ope.py processes at once, and the report; a second call reuses every stage's files."""
+    from conftest import random_dataset
+
+    data = random_dataset(tmp_path / "random.hdf5", n=600, max_steps=50)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "dope.py"), "--label", "t", "--dataset", str(data), "--eval-env", "Hopper-v4",
+           "--train", "bc", "--train-flags", "--hidden-dim 16 --batch-size 32", "--num-updates", "40", "--eval-interval", "20",
+           "--eval-episodes", "1", "--no-recipe-policies", "--truth-episodes", "3", "--ope-groups", "is pdis wis dr fqe", MB_GROUP,
+           "--ope-flags", f"--hidden-dim 16 --batch-size 32 --fqe-updates 20 --dualdice-updates 20 "
+           f"--bc-updates 20 {MB_FLAGS}", "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "results")]
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "results" / "t" / "dope.md").read_text()
+    out = json.loads((tmp_path / "results" / "t" / "dope.json").read_text())
+    assert len(out["policies"]) == 4 and {p["update"] for p in out["policies"]} == {20, 40}
+    assert set(out["metrics"]) == set(ESTIMATORS_RUN) and (tmp_path / "results" / "t" / "scatter.png").stat().st_size > 0
+    assert all(p["truth"]["episodes"] == 3 and p["truth"]["discounted_se"] >= 0 for p in out["policies"])
+    assert "| bc | 2 |" in report and "rank correlation" in report  # the selection table: two runs (seeds) of bc
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0 and "[dope] truth" not in proc.stdout and "algorithms/ope.py" not in proc.stdout, proc.stdout[-2000:]

@@ -73,17 +73,22 @@ def test_ctrl_c_saves_and_resume_keeps_folder_and_schedule(tiny_dataset, tmp_pat
 
 
 def test_load_policy_reproduces_the_evaluation(tiny_dataset, tmp_path) -> None:
-    proc = run_script("iql", "--dataset", tiny_dataset, *TINY, "--num-updates", "100", "--eval-interval", "100",
-                      "--log-dir", tmp_path)
+    proc = run_script("iql", "--dataset", tiny_dataset, *TINY, "--num-updates", "100", "--eval-interval", "50",
+                      "--log-dir", tmp_path, "--keep-checkpoints")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    act = load_script("iql").load_policy(str(tmp_path / "checkpoint.msgpack"))
+    kept = sorted((tmp_path / "checkpoints").iterdir())  # --keep-checkpoints: one file per evaluation
+    assert [k.name for k in kept] == ["100.msgpack", "50.msgpack"]
+    assert [common.read_checkpoint(str(k))["step"] for k in kept] == [100, 50]
+    assert kept[0].read_bytes() == (tmp_path / "checkpoint.msgpack").read_bytes()
+    first, act = (load_script("iql").load_policy(str(k)) for k in (kept[1], tmp_path / "checkpoint.msgpack"))
+    assert not np.allclose(first(np.ones((4, 3), np.float32)), act(np.ones((4, 3), np.float32)))
     a = act(np.zeros(3, np.float32))
     assert a.shape == (1,) and -2.0 <= a[0] <= 2.0  # env units: Pendulum's box is [-2, 2]
     assert act(np.zeros((5, 3), np.float32)).shape == (5, 1)
     _, info = common.load_dataset(str(tiny_dataset), eval_env="Pendulum-v1")
-    returns = common.evaluate(common.make_eval_env(info, 2, seed=0), act)  # the run's own eval env and seed
+    returns = common.evaluate(common.make_eval_env(info, 2, seed=0), first)  # the run's own eval env and seed, first evaluation
     result = json.loads((tmp_path / "result.json").read_text())
-    np.testing.assert_allclose(returns.mean(), result["last_return"], rtol=1e-4)
+    np.testing.assert_allclose(returns.mean(), np.mean(result["eval_history"][0]["returns"]), rtol=1e-4)
 
 
 def test_copied_file_finds_its_own_common(tiny_dataset, tmp_path) -> None:

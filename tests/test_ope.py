@@ -179,26 +179,109 @@ def test_on_policy_data_gives_the_monte_carlo_return_and_weights_survive_huge_lo
     assert np.isclose(res["wis"], 0.25 * 1 + 0.75 * 5) and np.isclose(res["ess"], 16 / 10) and np.isinf(res["is"])
 
 
-# ---- FQE on a linear-Gaussian system ----
-def test_fqe_matches_the_closed_form_value_of_a_linear_gaussian_system() -> None:
+# ---- FQE and MB on a linear-Gaussian system ----
+def linear_gaussian_system(n: int = 20000) -> dict:
     """s' = A s + B a + w, r = -(q s^2 + rho a^2), pi: a = K s + sigma eps. V^pi(s) = p s^2 + c with
-    p = -(q + rho K^2) / (1 - gamma (A + B K)^2) and c = (-rho sigma^2 + gamma p (B^2 sigma^2 + W)) / (1 - gamma)."""
+    p = -(q + rho K^2) / (1 - gamma (A + B K)^2) and c = (-rho sigma^2 + gamma p (B^2 sigma^2 + W)) / (1 - gamma).
+    Two policies (gains K); n transitions of a uniform behaviour, 500 initial states, and J of each policy."""
     rng = np.random.default_rng(0)
-    A, B, noise, q, rho, gamma, sigma, n = 0.9, 0.5, 0.1, 1.0, 0.5, 0.8, 0.1, 20000
+    A, B, noise, q, rho, gamma, sigma = 0.9, 0.5, 0.1, 1.0, 0.5, 0.8, 0.1
     s, a = rng.uniform(-1.2, 1.2, n), rng.uniform(-1, 1, n)  # behaviour: uniform actions, states around pi's
     s2 = A * s + B * a + noise * rng.standard_normal(n)
     s0 = rng.uniform(-1, 1, 500)
     gains = np.array([-0.4, 0.0])  # two policies, vmapped
     p = -(q + rho * gains**2) / (1 - gamma * (A + B * gains) ** 2)
     c = (-rho * sigma**2 + gamma * p * (B**2 * sigma**2 + noise**2)) / (1 - gamma)
-    true = p * np.mean(s0**2) + c
     f32 = lambda x: np.asarray(x, np.float32)
     data = {"observations": f32(s[:, None]), "actions": f32(a[:, None]), "rewards": f32(-(q * s**2 + rho * a**2)),
             "next_observations": f32(s2[:, None]), "terminals": np.zeros(n, np.float32), "init_observations": f32(s0[:, None])}
-    means = {"next": f32(gains[:, None, None] * s2[None, :, None]), "init": f32(gains[:, None, None] * s0[None, :, None])}
-    args = ope.Args(discount=gamma, policy_std=sigma, hidden_dim=64, fqe_updates=2000, fqe_lr=1e-3, tau=0.05)
-    out = ope.run_fqe(args, data, means, jax.random.PRNGKey(0))
-    np.testing.assert_allclose(out["values"], true, rtol=0.08)  # seeds 0-3 of this setup: within 4.2%
+    return {"A": A, "B": B, "noise": noise, "q": q, "rho": rho, "gamma": gamma, "sigma": sigma, "gains": gains, "s0": s0,
+            "s2": s2, "true": p * np.mean(s0**2) + c, "data": data}
+
+
+def test_fqe_matches_the_closed_form_value_of_a_linear_gaussian_system() -> None:
+    m = linear_gaussian_system()
+    f32 = lambda x: np.asarray(x, np.float32)
+    gains = m["gains"]
+    means = {"next": f32(gains[:, None, None] * m["s2"][None, :, None]), "init": f32(gains[:, None, None] * m["s0"][None, :, None])}
+    args = ope.Args(discount=m["gamma"], policy_std=m["sigma"], hidden_dim=64, fqe_updates=2000, fqe_lr=1e-3, tau=0.05)
+    out = ope.run_fqe(args, m["data"], means, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["values"], m["true"], rtol=0.08)  # seeds 0-3 of this setup: within 4.2%
+
+
+def test_model_rollout_with_the_exact_model_gives_the_closed_form_value() -> None:
+    m = linear_gaussian_system(n=10)
+    A, B, noise, q, rho = m["A"], m["B"], m["noise"], m["q"], m["rho"]
+
+    def exact(params, key, obs, action):  # the true system as a model step
+        nxt = A * obs + B * action + noise * jax.random.normal(key, obs.shape)
+        return nxt, -(q * obs[:, 0] ** 2 + rho * action[:, 0] ** 2), jnp.zeros(len(obs), bool)
+
+    obs0 = np.repeat(m["s0"][:, None], 8, 0)  # 8 rollouts per initial state
+    for K, true in zip(m["gains"], m["true"], strict=True):
+        ret, length = ope.model_rollout(exact, None, lambda o, K=K: K * o, obs0, 40, m["gamma"], m["sigma"], jax.random.PRNGKey(0))
+        assert ret.shape == (len(obs0),) and (length == 40).all()
+        # Monte-Carlo error (seeds 0-2) within 0.5%, the truncation gamma^40 = 1e-4 of the value; the deterministic
+        # action mu(s) (no sigma eps) is 6% (K = -0.4) and 5% (K = 0) off
+        np.testing.assert_allclose(ret.mean(), true, rtol=0.01)
+
+
+def test_model_rollout_stops_accumulating_at_a_predicted_terminal() -> None:
+    """A counter s' = s + 1 with reward 1 that terminates on its step from s = k - 1; from s = j the return is
+    sum_{t <= k-1-j} gamma^t, or its first H terms if the horizon H comes first. Past the terminal the model's reward is NaN."""
+    k, gamma, horizon = 5, 0.9, 12
+    calls = []
+
+    def counter(params, key, obs, action):
+        s = obs[:, 0]
+        return obs + 1.0, jnp.where(s < k, 1.0, jnp.nan), s >= k - 1
+
+    def act(obs):
+        calls.append(len(obs))
+        return np.zeros((len(obs), 1))
+
+    starts = np.array([0.0, 1.0, 3.0, 4.0, -10.0])  # the last one outlives the horizon
+    ret, length = ope.model_rollout(counter, None, act, starts[:, None], horizon, gamma, 0.1, jax.random.PRNGKey(0))
+    expected_length = np.minimum(k - starts, horizon)
+    np.testing.assert_array_equal(length, expected_length)
+    np.testing.assert_allclose(ret, (1 - gamma**expected_length) / (1 - gamma), rtol=1e-6)
+    assert len(calls) == horizon
+    calls.clear()  # all terminated after k steps: the rollout stops there, however long its horizon
+    ret, length = ope.model_rollout(counter, None, act, starts[:4, None], 1000, gamma, 0.1, jax.random.PRNGKey(0))
+    assert len(calls) == k and np.isfinite(ret).all() and np.allclose(ret, (1 - gamma ** (k - starts[:4])) / (1 - gamma))
+
+
+def test_mb_model_recovers_deterministic_linear_dynamics_and_a_termination_rule() -> None:
+    rng = np.random.default_rng(0)
+    n, A, B, w = 5000, np.array([[0.9, 0.2], [-0.1, 0.8]]), np.array([0.5, -0.3]), np.array([1.0, -0.5])
+    data_of = lambda s, a: {"observations": s, "actions": a, "next_observations": s @ A.T + a * B, "rewards": s @ w + 0.3 * a[:, 0],
+                            "terminals": ((s @ A.T + a * B)[:, 0] > 0.5).astype(np.float32)}  # done: s'_0 > 0.5, a quarter of the rows
+    data = data_of(rng.uniform(-1, 1, (n, 2)).astype(np.float32), rng.uniform(-1, 1, (n, 1)).astype(np.float32))
+    args = ope.Args(mb_ensemble=2, mb_hidden_dim=32, mb_num_layers=2, mb_updates=2000, mb_holdout_ratio=0.1)
+    model = ope.fit_dynamics(args, data, jax.random.PRNGKey(0))
+    hold, var = model["holdout"], (data["next_observations"] - data["observations"]).var(0).mean()
+    assert hold["num_rows"] == n // 10 and 0.15 < hold["terminal_rate"] < 0.35
+    assert max(hold["obs_mse"]) < 1e-3 * var and max(hold["reward_mse"]) < 1e-3 * data["rewards"].var()
+    assert max(hold["done_error"]) < 0.05  # seeds 0-2: at most 3.2% (a quarter of the rows are terminals)
+    # the model step on new states: s' and r as the system's, done as the rule's away from its boundary
+    new = data_of(rng.uniform(-1, 1, (1000, 2)).astype(np.float32), rng.uniform(-1, 1, (1000, 1)).astype(np.float32))
+    nxt, rew, done = (np.asarray(x) for x in jax.jit(model["step"])(model["params"], jax.random.PRNGKey(1), new["observations"], new["actions"]))
+    np.testing.assert_allclose(nxt, new["next_observations"], atol=0.05)
+    np.testing.assert_allclose(rew, new["rewards"], atol=0.05)
+    clear = np.abs(new["next_observations"][:, 0] - 0.5) > 0.05
+    assert clear.sum() > 800 and (done == (new["terminals"] > 0))[clear].mean() > 0.99
+
+
+def test_mb_learns_the_linear_gaussian_system_and_matches_the_closed_form_value() -> None:
+    m = linear_gaussian_system(n=10000)
+    args = ope.Args(discount=m["gamma"], policy_std=m["sigma"], mb_ensemble=3, mb_hidden_dim=32, mb_num_layers=2, mb_updates=2000,
+                    mb_rollouts=4, batch_size=256)
+    acts = [lambda o, K=K: K * o for K in m["gains"]]
+    out = ope.run_mb(args, m["data"], acts, 40, jax.random.PRNGKey(0))
+    hold = out["holdout"]
+    assert hold["num_rows"] == 500 and np.all(np.array(hold["obs_mse"]) < 1.5 * m["noise"] ** 2)  # the noise's variance: 0.01
+    assert (out["mean_length"] == 40).all() and np.all(np.array(hold["done_error"]) == 0)
+    np.testing.assert_allclose(out["values"], m["true"], rtol=0.05)
 
 
 # ---- DualDICE on a tabular MDP (infinite horizon, one-hot features: a tabular nu and zeta) ----
@@ -324,7 +407,8 @@ def test_script_evaluates_checkpoints_and_shipped_policies(recipe_file: Path, ba
     ckpt = background["dir"] / "bc.msgpack"
     out = tmp_path / "ope.json"
     proc = run_script("ope", "--dataset", recipe_file, "--eval-env", "Hopper-v4", "--policies", ckpt, f"{ckpt}:0", "recipe:hopper-medium",
-                      "--fqe-updates", "200", "--dualdice-updates", "200", "--hidden-dim", "32", "--out", out, env=FAST_COMPILE)
+                      "--fqe-updates", "200", "--dualdice-updates", "200", "--hidden-dim", "32", "--mb-updates", "20", "--mb-horizon", "5",
+                      "--mb-hidden-dim", "16", "--mb-num-layers", "2", "--out", out, env=FAST_COMPILE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["behavior"] == "logged" and result["estimators"] == list(ope.ESTIMATORS) and result["source_kind"] == "recipe"
@@ -333,12 +417,29 @@ def test_script_evaluates_checkpoints_and_shipped_policies(recipe_file: Path, ba
         assert set(p["estimates"]) == set(ope.ESTIMATORS) and all(np.isfinite(v) for v in p["estimates"].values()), p
         assert set(p["wall_time_s"]) == set(ope.ESTIMATORS) and p["is_weights"]["num_trajectories"] == 10
         assert 1.0 <= p["is_weights"]["ess"] <= 10.0 and p["is_weights"]["log_max_weight"] >= p["is_weights"]["log_min_weight"]
+        assert 1.0 <= p["mb_mean_rollout_length"] <= 5.0
+    mb = result["mb_model"]
+    assert mb["horizon"] == 5 and len(mb["final_loss"]) == 5 and mb["holdout"]["num_rows"] == 10  # 5% of 200 transitions
+    assert all(np.isfinite(mb["holdout"][k]).all() for k in ("nll", "obs_mse", "reward_mse", "done_error"))
     same = [{k: p["estimates"][k] for k in ("is", "pdis", "wis")} for p in result["policies"][:2]]
     assert same[0] == same[1]  # PATH and PATH:0 are the same run (FQE and DualDICE differ by their seeds)
-    assert sum(line.startswith("[ope] ") and line.split()[3] in ope.ESTIMATORS for line in proc.stdout.splitlines()) == 3 * 6
+    assert sum(line.startswith("[ope] ") and line.split()[3] in ope.ESTIMATORS for line in proc.stdout.splitlines()) == 3 * len(ope.ESTIMATORS)
 
 
 def test_missing_policy_is_a_one_line_error(background: dict) -> None:
     rc, err = finished(background, "missing", ok=False)
     assert rc != 0 and "Traceback" not in err
     assert err.strip().count("\n") == 0 and err.startswith("error: policy checkpoint") and "missing.msgpack does not exist" in err
+
+
+def test_one_member_per_row_routes_each_row_through_one_random_member_in_equal_shares() -> None:
+    members = {"w": jnp.array([1.0, 2.0, 3.0])}  # member i multiplies by i + 1
+    x = jnp.arange(1.0, 11.0)[:, None]  # 10 rows: padded to 12, 4 per member, 2 of them repeats
+    seen = []
+    for k in range(20):
+        y = np.asarray(ope.one_member_per_row(lambda p, r: r * p["w"], members, x, jax.random.PRNGKey(k)))[:, 0]
+        factor = y / np.arange(1.0, 11.0)  # each row's own input, times one member's factor
+        assert set(np.round(factor, 6)) <= {1.0, 2.0, 3.0}
+        assert all(2 <= np.sum(factor == f) <= 4 for f in (1.0, 2.0, 3.0))  # equal groups, less the padding
+        seen.append(factor)
+    assert len({tuple(f) for f in seen}) > 1  # a fresh assignment per key
