@@ -57,13 +57,14 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     grid = Path(a.runs_dir) / a.label
-    commands = {}
+    # the table shows these variants and every other one this grid already has a result of (same label, same settings)
+    shown = [*a.variants, *[v for v in VARIANTS if v not in a.variants and (grid / v / "result.json").exists()]]
+    cmds = {v: [sys.executable, f"algorithms/{a.algo}.py", "--env", a.dataset, "--num-seeds", str(a.num_seeds),
+                "--num-updates", str(a.num_updates), "--eval-interval", str(a.eval_interval), "--eval-episodes",
+                str(a.eval_episodes), "--log-dir", str(grid / v), *VARIANTS[v], *a.extra.split()] for v in shown}
+    commands = {v: shlex.join(["python", *c[1:]]).replace(f"{ROOT}/", "") for v, c in cmds.items()}
     for v in a.variants:
-        cell = grid / v
-        cmd = [sys.executable, f"algorithms/{a.algo}.py", "--env", a.dataset, "--num-seeds", str(a.num_seeds),
-               "--num-updates", str(a.num_updates), "--eval-interval", str(a.eval_interval),
-               "--eval-episodes", str(a.eval_episodes), "--log-dir", str(cell), *VARIANTS[v], *a.extra.split()]
-        commands[v] = shlex.join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")
+        cell, cmd = grid / v, cmds[v]
         done = (cell / "result.json").exists() and not json.loads((cell / "result.json").read_text())["interrupted"]
         if done:
             print(f"skip {v}: done")
@@ -81,7 +82,7 @@ def main() -> None:
 
 def table(a: argparse.Namespace, grid: Path, commands: dict[str, str]) -> None:
     rows, first = [], None
-    for v in a.variants:
+    for v in commands:
         f = grid / v / "result.json"
         if not f.exists():
             rows.append(f"| {v} | not run | | | | |")
@@ -93,7 +94,8 @@ def table(a: argparse.Namespace, grid: Path, commands: dict[str, str]) -> None:
         best = np.array([s["best_normalized" if key == "normalized" else "best_return"] for s in r["per_seed"]])
         curve = " / ".join(f"{np.mean(h[key]):.1f}" for h in r["eval_history"])
         collapsed = int((last < best / 2).sum())
-        rows.append(f"| {v} | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | {collapsed} of {len(last)} "
+        name = f"{v} (interrupted at {r['num_updates']} updates)" if r["interrupted"] else v
+        rows.append(f"| {name} | {last.mean():.1f} ± {last.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | {collapsed} of {len(last)} "
                     f"| {' / '.join(f'{x:.1f}' for x in last)} | {curve} |")
     out = Path(a.out_dir) / a.label
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ Stages, each resumable (a finished stage's file is reused):
 2. The ground truth (truth.json): each policy run online, as ope.py evaluates it -- N(mu(s), sigma^2) in [-1, 1] units,
    clipped by the env -- for `--truth-episodes` episodes in the dataset's eval env: the discounted return (ope.py's
    estimand) with its standard error, and the undiscounted return and normalized score that the benchmark tables report.
-3. The estimates (ope.json): one process of algorithms/ope.py on all policies, with every estimator.
+3. The estimates (ope-<i>.json): algorithms/ope.py on all policies, one process per `--ope-groups` group of estimators,
+   started beside stage 2 (each pinned to its own CPU core when there are several), then merged.
 4. The report (benchmarks/results/<label>/dope.md, dope.json, scatter.png): DOPE's metrics per estimator (absolute error of
    range-normalized values, Spearman rank correlation, regret@1 and @5, 1000-resample bootstrap CIs; ope.dope_metrics),
    each estimator's wall time, a scatter of estimate against truth, and the selection regret: per run (algorithm, setting,
@@ -23,6 +24,7 @@ Stages, each resumable (a finished stage's file is reused):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -129,15 +131,29 @@ def ground_truth(a: argparse.Namespace, policies: list[dict], info: dict, prep: 
 
 
 # ---- 3. The estimates ----
-def estimates(a: argparse.Namespace, grid: Path, flags: list[str], specs: list[str]) -> dict:
-    """ope.py's result for every policy: one process per --ope-groups group, all at once (each pinned to a CPU core when
-    there are several), merged;
-    a group whose file already holds these policies is reused."""
+# the ope.py settings that only some estimators read (prefixes of Args fields); every other setting matters to all
+OWN_SETTINGS = {"is": ("behavior", "bc_"), "pdis": ("behavior", "bc_"), "wis": ("behavior", "bc_"),
+                "dr": ("behavior", "bc_", "fqe_", "tau", "num_action_samples"), "fqe": ("fqe_", "tau", "num_action_samples"),
+                "dualdice": ("dualdice_", "nu_lr", "zeta_lr"), "mb": ("mb_",)}
+
+
+def same_run(result: dict, flags: list[str], specs: list[str]) -> bool:
+    """Whether an ope.py result file holds these policies, estimated with these settings (those its estimators read)."""
+    used = [x for e in result["estimators"] for x in OWN_SETTINGS[e]]
+    own = [x for xs in OWN_SETTINGS.values() for x in xs]
+    read = lambda k: k not in ("estimators", "out", "policies") and (not k.startswith(tuple(own)) or k.startswith(tuple(used)))
+    want = {k: v for k, v in dataclasses.asdict(tyro.cli(ope.Args, args=flags)).items() if read(k)}
+    return sorted(r["spec"] for r in result["policies"]) == sorted(specs) and {k: result["config"][k] for k in want} == want
+
+
+def start_estimates(a: argparse.Namespace, grid: Path, flags: list[str], specs: list[str]) -> tuple[list, list[Path]]:
+    """ope.py on every policy: one process per --ope-groups group, all started at once (each pinned to a CPU core when
+    there are several), beside the ground truth; a group whose file already holds these policies is reused."""
     procs, files = [], []
     for i, group in enumerate(a.ope_groups):
         f = grid / f"ope-{i}.json"
         files.append(f)
-        if f.exists() and sorted(r["spec"] for r in json.loads(f.read_text())["policies"]) == sorted(specs):
+        if f.exists() and same_run(json.loads(f.read_text()), flags, specs):
             continue
         cmd = [sys.executable, "algorithms/ope.py", *flags, "--estimators", *group.split(), "--out", str(f)]
         print(shlex.join(["python", *cmd[1:6], "...", *cmd[-(len(group.split()) + 3):]]), flush=True)
@@ -146,6 +162,11 @@ def estimates(a: argparse.Namespace, grid: Path, flags: list[str], specs: list[s
         core = {cores[i % len(cores)]} if len(a.ope_groups) > 1 and cores else None
         pin = (lambda c=core: os.sched_setaffinity(0, c)) if core else None
         procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin), log, f))
+    return procs, files
+
+
+def finish_estimates(procs: list, files: list[Path]) -> dict:
+    """Wait for start_estimates' processes; their results merged into one ope.py result."""
     for proc, log, f in procs:
         if proc.wait() != 0:
             raise SystemExit(f"ope.py failed; see {f.with_suffix('.log')}")
@@ -333,8 +354,9 @@ def main() -> None:
     prep = common.Prep.fit(data, env.single_action_space, normalize_states=True)  # its action box (to_unit / to_env) only
     env.close()
     print(f"[dope] {len(policies)} policies: {count(policies)}", flush=True)
+    started = start_estimates(a, grid, flags, [q["spec"] for q in policies])
     truth = ground_truth(a, policies, info, prep, grid / "truth.json")
-    est = estimates(a, grid, flags, [q["spec"] for q in policies])
+    est = finish_estimates(*started)
     report(a, policies, truth, est, commands, out)
 
 

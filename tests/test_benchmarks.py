@@ -240,3 +240,21 @@ def test_dope_report_end_to_end(tmp_path):
     assert "| bc | 2 |" in report and "rank correlation" in report  # the selection table: two runs (seeds) of bc
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0 and "[dope] truth" not in proc.stdout and "algorithms/ope.py" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_dope_reuses_an_estimate_file_only_if_the_settings_it_read_are_unchanged():
+    import dataclasses
+
+    import tyro
+
+    dope = _dope()
+    flags = ["--env", "hopper-medium", "--policies", "a.msgpack"]
+    config = dataclasses.asdict(tyro.cli(dope.ope.Args, args=flags))
+    result = {"estimators": ["dualdice"], "config": config, "policies": [{"spec": "a.msgpack"}]}
+    assert dope.same_run(result, flags, ["a.msgpack"])
+    assert dope.same_run(result, [*flags, "--tau", "0.05", "--mb-updates", "7"], ["a.msgpack"])  # FQE's and MB's own
+    assert not dope.same_run(result, [*flags, "--dualdice-updates", "7"], ["a.msgpack"])
+    assert not dope.same_run(result, [*flags, "--discount", "0.9"], ["a.msgpack"])  # shared by every estimator
+    assert not dope.same_run(result, flags, ["a.msgpack", "b.msgpack"])
+    fqe = {**result, "estimators": ["is", "dr"]}
+    assert not dope.same_run(fqe, [*flags, "--tau", "0.05"], ["a.msgpack"]) and dope.same_run(fqe, [*flags, "--nu-lr", "1"], ["a.msgpack"])
