@@ -1025,6 +1025,18 @@ def policy_rows(args: Args, policies: list[Policy], estimators: list[str], data:
     return rows
 
 
+def model_record(args: Args, mb: dict, horizon: int) -> dict:
+    """MB's model, printed in one line and recorded: members, updates, training time, losses, held-out metrics, horizon."""
+    hold = mb["holdout"]
+    print(f"[{ALGORITHM}] mb model: {args.mb_ensemble} members, {args.mb_updates} updates ({mb['train_time_s']:.1f}s), "
+          f"final loss {np.mean(mb['loss']):.3f}" + (f"; held out ({hold['num_rows']} rows): NLL/dim {np.mean(hold['nll']):.3f}, "
+          f"state MSE {np.mean(hold['obs_mse']):.4f}, reward MSE {np.mean(hold['reward_mse']):.4f}, done error "
+          f"{np.mean(hold['done_error']):.4f} (terminal rate {hold['terminal_rate']:.4f})" if hold else "")
+          + f"; rollouts of {horizon} steps", flush=True)
+    return {"horizon": horizon, "rollouts_per_initial_state": args.mb_rollouts, "train_time_s": mb["train_time_s"],
+            "final_loss": mb["loss"].tolist(), "holdout": hold}
+
+
 def main(args: Args) -> dict:
     t_start = time.time()
     policies = check_args(args)  # before any data is read: a typo is an error at once
@@ -1064,22 +1076,14 @@ def main(args: Args) -> dict:
             t0 = time.time()
             results[name] = run_fn()
             times[name] = time.time() - t0
-    if "mb" in results:
-        mb = results["mb"]
-        hold = mb["holdout"]
-        print(f"[{ALGORITHM}] mb model: {args.mb_ensemble} members, {args.mb_updates} updates ({mb['train_time_s']:.1f}s), "
-              f"final loss {np.mean(mb['loss']):.3f}" + (f"; held out ({hold['num_rows']} rows): NLL/dim {np.mean(hold['nll']):.3f}, "
-              f"state MSE {np.mean(hold['obs_mse']):.4f}, reward MSE {np.mean(hold['reward_mse']):.4f}, done error "
-              f"{np.mean(hold['done_error']):.4f} (terminal rate {hold['terminal_rate']:.4f})" if hold else "")
-              + f"; rollouts of {horizon} steps", flush=True)
+    mb_model = model_record(args, results["mb"], horizon) if "mb" in results else None
     rows = policy_rows(args, policies, estimators, data, ends, log_ratios, results, times, behavior)
     times["total"] = time.time() - t_start
     result = {"algorithm": ALGORITHM, **{k: info.get(k) for k in common.RESULT_KEYS[1:6]}, "num_transitions": n, "num_episodes": len(ends),
               "estimand": f"E[sum_t gamma^t r_t] from the dataset's initial states, gamma = {args.discount}",
               "evaluated_policy": f"N(mu(s), {args.policy_std}^2 I) in [-1, 1] action units, executed clipped to the box",
               "behavior": behavior, "behavior_detail": behavior_detail, "estimators": estimators, "policies": rows,
-              "mb_model": {"horizon": horizon, "rollouts_per_initial_state": args.mb_rollouts, "train_time_s": results["mb"]["train_time_s"],
-                           "final_loss": results["mb"]["loss"].tolist(), "holdout": results["mb"]["holdout"]} if "mb" in results else None,
+              "mb_model": mb_model,
               "wall_time_s": times, "wall_time_note": "fqe/dualdice train all policies in one vmapped call: per policy is that "
               "call's time / number of policies; is/pdis/wis/dr per policy is one call computing them together (dr adds fqe's share); "
               "mb per policy is its model's training time / number of policies + that policy's rollouts",
