@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from run import hardware
+from run import hardware, run_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 # JAX-CORL's TD3+BC (algos/td3bc.py) against the TD3+BC paper's and CORL's settings, one difference at a time
@@ -64,19 +63,11 @@ def main() -> None:
                 str(a.eval_episodes), "--log-dir", str(grid / v), *VARIANTS[v], *a.extra.split()] for v in shown}
     commands = {v: shlex.join(["python", *c[1:]]).replace(f"{ROOT}/", "") for v, c in cmds.items()}
     for v in a.variants:
-        cell, cmd = grid / v, cmds[v]
-        done = (cell / "result.json").exists() and not json.loads((cell / "result.json").read_text())["interrupted"]
-        if done:
+        rc = run_cell(cmds[v], grid / v, commands[v])
+        if rc is None:
             print(f"skip {v}: done")
-            continue
-        if (cell / "checkpoint.msgpack").exists():
-            cmd += ["--load", str(cell / "checkpoint.msgpack")]
-        print(commands[v], flush=True)
-        cell.mkdir(parents=True, exist_ok=True)
-        with open(cell / "stdout.log", "a") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            print(f"  FAILED (rc {rc}); see {cell / 'stdout.log'}", flush=True)
+        elif rc != 0:
+            print(f"  FAILED (rc {rc}); see {grid / v / 'stdout.log'}", flush=True)
     table(a, grid, commands)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import tyro
-from run import hardware
+from run import hardware, run_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "algorithms")]
@@ -60,15 +60,8 @@ def train_family(a: argparse.Namespace, grid: Path) -> dict[str, str]:
                str(a.num_updates), "--eval-interval", str(a.eval_interval), "--eval-episodes", str(a.eval_episodes),
                "--log-dir", str(cell), "--keep-checkpoints", *a.train_flags.split()]
         commands[algo] = shlex.join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")
-        if (cell / "result.json").exists() and not json.loads((cell / "result.json").read_text())["interrupted"]:
-            continue
-        if (cell / "checkpoint.msgpack").exists():
-            cmd += ["--load", str(cell / "checkpoint.msgpack")]
-        print(commands[algo], flush=True)
-        cell.mkdir(parents=True, exist_ok=True)
-        with open(cell / "stdout.log", "a") as log:
-            if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                raise SystemExit(f"{algo} failed; see {cell / 'stdout.log'}")
+        if run_cell(cmd, cell, commands[algo]) not in (None, 0):
+            raise SystemExit(f"{algo} failed; see {cell / 'stdout.log'}")
     return commands
 
 

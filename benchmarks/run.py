@@ -47,6 +47,19 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores; jax device {accel}"
 
 
+def run_cell(cmd: list[str], cell: Path, shown: str) -> int | None:
+    """One resumable run of an algorithm script into folder `cell`: skipped (None) if its result.json is finished, resumed
+    from its checkpoint if interrupted; the console goes to cell/stdout.log. Returns the exit code."""
+    if (cell / "result.json").exists() and not json.loads((cell / "result.json").read_text())["interrupted"]:
+        return None
+    if (cell / "checkpoint.msgpack").exists():
+        cmd = [*cmd, "--load", str(cell / "checkpoint.msgpack")]
+    print(shown, flush=True)
+    cell.mkdir(parents=True, exist_ok=True)
+    with open(cell / "stdout.log", "a") as log:
+        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
 def update_manifest(path: Path, header: dict, cells: dict) -> None:
     """Merge this runner's header and cells into the grid's manifest.json, under a file lock.
 
