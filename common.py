@@ -243,17 +243,20 @@ def state_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray
 
 
 # ---- Evaluation env ----
+def env_maker(info: dict) -> Callable[[], gym.Env]:
+    """make() -> one copy of the dataset's eval env (its recorded spec, or the gymnasium id)."""
+    if info.get("eval_env_spec"):
+        return lambda: gym.make(gym.envs.registration.EnvSpec.from_json(info["eval_env_spec"]))
+    try:
+        gym.spec(info["eval_env"])
+    except gym.error.Error as e:
+        raise DatasetError(f"unknown gymnasium env {info['eval_env']!r}: {e}") from e
+    return lambda: gym.make(info["eval_env"], **info["eval_env_kwargs"])
+
+
 def make_eval_env(info: dict, num_envs: int, seed: int = 0) -> gym.vector.SyncVectorEnv:
     """A vector env of `num_envs` copies of the dataset's eval env, checked against the data's sizes."""
-    if info.get("eval_env_spec"):
-        make = lambda: gym.make(gym.envs.registration.EnvSpec.from_json(info["eval_env_spec"]))
-    else:
-        try:
-            gym.spec(info["eval_env"])
-        except gym.error.Error as e:
-            raise DatasetError(f"unknown gymnasium env {info['eval_env']!r}: {e}") from e
-        make = lambda: gym.make(info["eval_env"], **info["eval_env_kwargs"])
-    env = gym.vector.SyncVectorEnv([make] * num_envs)
+    env = gym.vector.SyncVectorEnv([env_maker(info)] * num_envs)
     o, a = env.single_observation_space.shape, env.single_action_space.shape
     if o != (info["obs_dim"],) or a != (info["act_dim"],):
         raise DatasetError(f"eval env {info['eval_env']} has observation shape {o} and action shape {a}, "
@@ -273,6 +276,64 @@ def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarra
         done |= term | trunc
     return returns
 
+
+class OnlineEnvs:
+    """The fine-tuning envs (--online-steps): num_envs copies of the eval env per seed, stepped in lockstep on the host.
+
+    `step(actions [S, K, act] in [-1, 1])` returns the K transitions of every seed in training units (Prep). Only a real
+    terminal is a terminal: a time-limit cut is not, and its next state is the true last state, not the reset one."""
+
+    def __init__(self, info: dict, prep: Prep, num_seeds: int, num_envs: int, seed: int):
+        self.envs, self.prep, self.shape = [env_maker(info)() for _ in range(num_seeds * num_envs)], prep, (num_seeds, num_envs)
+        self.seed, self.resets = seed + 1_000_003, 0  # reset seeds apart from the evaluation's
+        self.raw = np.stack([self._reset(e) for e in self.envs]).astype(np.float32)
+        self.ep_return, self.ep_success = np.zeros(len(self.envs)), np.zeros(len(self.envs), bool)
+        self.episodes: list[list[tuple[float, bool | None]]] = [[] for _ in range(num_seeds)]  # (return, success) per seed
+
+    def _reset(self, env: gym.Env) -> np.ndarray:
+        self.resets += 1
+        return env.reset(seed=self.seed + self.resets)[0]
+
+    @property
+    def obs(self) -> np.ndarray:
+        """The current states, normalized: [S, K, obs]."""
+        return ((self.raw - self.prep.obs_mean) / self.prep.obs_std).reshape(*self.shape, -1)
+
+    def step(self, actions: np.ndarray) -> dict[str, np.ndarray]:
+        obs, act = self.obs, np.asarray(actions).reshape(len(self.envs), -1)
+        nxt, rew, term = np.empty_like(self.raw), np.zeros(len(self.envs), np.float32), np.zeros(len(self.envs), np.float32)
+        for i, env in enumerate(self.envs):
+            o, rew[i], terminated, truncated, step_info = env.step(self.prep.to_env(act[i]))
+            nxt[i], term[i], self.raw[i] = o, float(terminated), o
+            self.ep_return[i] += rew[i]
+            success = step_info.get("success", step_info.get("is_success"))  # goal tasks report it; locomotion does not
+            self.ep_success[i] |= bool(success)
+            if terminated or truncated:
+                self.episodes[i // self.shape[1]].append((float(self.ep_return[i]), None if success is None else bool(self.ep_success[i])))
+                self.raw[i], self.ep_return[i], self.ep_success[i] = self._reset(env), 0.0, False
+        nobs = (nxt - self.prep.obs_mean) / self.prep.obs_std
+        return {"observations": obs, "actions": act.reshape(*self.shape, -1).astype(np.float32), "rewards": rew.reshape(self.shape),
+                "next_observations": nobs.reshape(*self.shape, -1).astype(np.float32), "terminals": term.reshape(self.shape)}
+
+
+def online_summary(history: list[dict], handover: int, online_steps: int, episodes: list[list]) -> dict:
+    """Fine-tuning's record (per seed, then the mean): the score at hand-over; the dip, the minimum over the evaluations of
+    the first 10% of the online steps (at least the first one); the final score; the area under the online curve (its
+    trapezoid mean, hand-over included); and CORL's regret, mean(1 - success) over the online episodes, where the env has it.
+    Scores are normalized where the dataset has reference returns, else returns."""
+    key = "normalized" if history and history[-1]["normalized"] is not None else "returns"
+    pts = [h for h in history if h["update"] >= handover]
+    if not pts or pts[0]["update"] != handover or len(pts) < 2:
+        return {}
+    x, y = np.array([h["update"] for h in pts], float) - handover, np.array([h[key] for h in pts], float)  # [T], [T, S]
+    early = x <= max(0.1 * online_steps, x[1])
+    auc = ((y[1:] + y[:-1]) / 2 * np.diff(x)[:, None]).sum(0) / x[-1]
+    succ = [[s for _, s in ep if s is not None] for ep in episodes]
+    regret = [1.0 - float(np.mean(s)) for s in succ] if all(succ) else None
+    per_seed = {"offline": y[0], "dip": y[1:][early[1:]].min(0), "final": y[-1], "auc": auc}
+    out = {"score": key, "online_steps": int(x[-1]), **{k: float(v.mean()) for k, v in per_seed.items()},
+           "regret": None if regret is None else float(np.mean(regret)), "episodes": [len(e) for e in episodes]}
+    return {**out, "per_seed": {**{k: v.tolist() for k, v in per_seed.items()}, "regret": regret}}
 
 # ---- The run harness: data preparation, the run record, checkpoints, the command line ----
 RESULT_KEYS = ("algorithm", "dataset", "source", "source_kind", "dataset_sha256", "eval_env", "num_updates", "seeds",
@@ -353,8 +414,11 @@ class Run:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 1")
         if args.num_updates < 0 or (args.num_updates == 0 and not args.load):
             raise RunError("--num-updates must be > 0 (or 0 with --load CHECKPOINT, to evaluate it)")
+        online = getattr(args, "online_steps", 0)
+        if online and (online < 0 or args.num_envs < 1 or online % args.num_envs or args.eval_interval % args.num_envs):
+            raise RunError("--online-steps and --eval-interval must be multiples of --num-envs (>= 1)")
         self.algorithm, self.args, self.info, self.hp, self.t0 = algorithm, args, info, hyperparameters or {}, time.time()
-        self.seeds = [args.seed + i for i in range(args.num_seeds)]
+        self.seeds, self.total = [args.seed + i for i in range(args.num_seeds)], args.num_updates + online  # one update per online step
         self.env = make_eval_env(info, num_envs=args.num_seeds * args.eval_episodes, seed=args.seed)
         ckpt = read_checkpoint(args.load, algorithm) if args.load else {"meta": {}, "step": 0}
         meta = ckpt["meta"]
@@ -371,7 +435,7 @@ class Run:
         self._write_evals()
         self.writer, self.step = Writer(str(self.log_dir)), ckpt["step"]
         self.saved_step, self.chunk, self.compiled, self.compile_time, self.train_time, self.trained = self.step, None, {}, 0.0, 0.0, 0
-        self.evaluated, self.stop, self.eval_time, self.last_line = False, False, 0.0, time.time()
+        self.evaluated, self.stop, self.eval_time, self.eval_total, self.last_line = False, False, 0.0, 0.0, time.time()
         signal.signal(signal.SIGINT, self._on_sigint)
         label = ", recipe data: not D4RL" if info["source_kind"] == "recipe" else ""
         print(f"[{algorithm}] {info['dataset']} ({info['source']}{label}) -> {info['eval_env']}; seeds {self.seeds}; "
@@ -401,7 +465,7 @@ class Run:
 
     @property
     def eval_due(self) -> bool:
-        return self.step % self.args.eval_interval == 0 or self.step == self.args.num_updates
+        return self.step % self.args.eval_interval == 0 or self.step in (self.args.num_updates, self.total)
 
     def train(self, train_chunk: Callable, states, data: dict, n: int, *extra):
         """One device call of n updates; stops on a non-finite loss (naming the update); logs train/ metrics."""
@@ -428,8 +492,39 @@ class Run:
         if self.chunk is None or (fit >= 5 * self.chunk and len(self.compiled) <= 2):  # sized by the first calls' speed
             self.chunk = fit
         if time.time() - self.last_line >= 10 and not self.eval_due:
-            self._print(f"update {self.step}/{self.args.num_updates} | {self._speed()}")
+            self._print(f"update {self.step}/{self.total} | {self._speed()}")
         return states
+
+    def online(self) -> Iterator[None]:
+        """Fine-tuning's iterations (--online-steps), one per num_envs env steps of every seed, until done or Ctrl-C."""
+        self.handover, self.last_check = self.args.num_updates, self.step
+        first = True  # the first iteration compiles
+        while self.step < self.total and not self.stop:
+            t0, evals = time.perf_counter(), self.eval_total
+            yield  # env steps, a device call, maybe an evaluation: timed without the evaluation
+            dt = time.perf_counter() - t0 - (self.eval_total - evals)
+            if first:
+                self.compile_time, first = self.compile_time + dt, False
+            else:
+                self.train_time, self.trained = self.train_time + dt, self.trained + self.args.num_envs
+
+    def train_online(self, online_call: Callable, states, *inputs):
+        """One fine-tuning device call (num_envs env steps' transitions in, num_envs updates, the next actions out);
+        its train/ metrics are logged and checked for NaN every ~10 s and at evaluations, not at every step."""
+        states, *outputs, metrics = online_call(states, *inputs, jnp.asarray(self.step, jnp.int32))
+        self.step += self.args.num_envs
+        if time.time() - self.last_line >= 10 or self.eval_due:
+            metrics = jax.device_get(metrics)
+            for k in [k for k, m in metrics.items() if not np.all(np.isfinite(m))][:1]:
+                self.writer.close()
+                raise RunError(f"non-finite {k} at an update in {self.last_check + 1}-{self.step}; stopped, "
+                               f"the last good checkpoint {self.save_path} is kept")
+            for k, m in metrics.items():
+                self.writer.add_scalar(f"train/{k}", float(np.mean(m)), self.step)
+            self.last_check = self.step
+            if not self.eval_due:
+                self._print(f"update {self.step}/{self.total} (online) | {self._speed()}")
+        return (states, *outputs)
 
     def evaluate(self, policy: Callable, params) -> None:
         """Each seed's deterministic policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1], E episodes each."""
@@ -445,7 +540,8 @@ class Run:
                 self.writer.add_scalar(f"eval/{name}" + (f"/seed{i - 1}" if i else ""), float(v), self.step)
         self.writer.flush()
         self.evaluated, self.eval_time = True, time.perf_counter() - t0
-        self._print(f"update {self.step}/{self.args.num_updates} | {self._text(self.scores())} | eval {self.eval_time:.1f}s"
+        self.eval_total += self.eval_time
+        self._print(f"update {self.step}/{self.total} | {self._text(self.scores())} | eval {self.eval_time:.1f}s"
                     + (f" | {self._speed()}" if self.trained else ""))
 
     def scores(self) -> dict:
@@ -461,7 +557,7 @@ class Run:
         (self.log_dir / "evals.csv").write_text("update,seed,return,normalized\n" + "".join(rows))
 
     def _speed(self) -> str:
-        ups, left = self.trained / max(self.train_time, 1e-9), self.args.num_updates - self.step
+        ups, left = self.trained / max(self.train_time, 1e-9), self.total - self.step
         eta = left / ups + left // self.args.eval_interval * self.eval_time
         return f"{ups:.0f} upd/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
 

@@ -98,6 +98,14 @@ class Args:
     """Lower clip of the policy log-std (reference code: -5)."""
     log_std_max: float = 2.0
     """Upper clip of the policy log-std (reference code: 2)."""
+    online_steps: int = 0
+    """Online fine-tuning after the offline updates: env steps per seed, one update each (CORL's fine-tuning: 1M); 0: offline only."""
+    num_envs: int = 1
+    """Fine-tuning envs per seed, stepped in lockstep: each device call adds num_envs transitions and runs num_envs updates."""
+    mixing_ratio: float | None = None
+    """Offline share of each fine-tuning batch (Cal-QL: 0.5); None samples the data and the online transitions as one buffer (CORL's IQL)."""
+    buffer_size: int = 1_000_000
+    """Online transitions kept on the device while fine-tuning, the oldest overwritten first; the offline data is always kept."""
 
 
 # Presets per dataset family (IQL paper, App. B). Locomotion rewards are scaled by 1000 / (max - min episode
@@ -114,14 +122,13 @@ def resolve_preset(args: Args, info: dict) -> Args:
     return dataclasses.replace(args, preset=name, **{k: v for k, v in PRESETS[name].items() if getattr(args, k) is None})
 
 
-def process_rewards(args: Args, data: dict[str, np.ndarray], info: dict) -> np.ndarray:
-    rewards = data["rewards"].astype(np.float32)
-    if args.preset == "locomotion":  # IQL paper, App. B (locomotion): r * 1000 / (max R - min R)
-        ep_returns = common.episode_returns(data, info)
-        rewards = rewards * 1000.0 / max(float(ep_returns.max() - ep_returns.min()), 1e-6)
-    elif args.preset == "antmaze":  # IQL paper, App. B (antmaze): r - 1
-        rewards = rewards - 1.0
-    return rewards
+def reward_transform(args: Args, data: dict[str, np.ndarray], info: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """r -> the training reward, one map for the data and for the online transitions (IQL paper, App. B)."""
+    if args.preset == "antmaze":  # antmaze: r - 1
+        return lambda r: np.asarray(r, np.float32) - 1.0
+    ep_returns = common.episode_returns(data, info)  # locomotion: r * 1000 / (max R - min R), R the data's episode returns
+    spread = max(float(ep_returns.max() - ep_returns.min()), 1e-6)
+    return lambda r: np.asarray(r, np.float32) * 1000.0 / spread
 
 
 # ---- Networks ----
@@ -222,6 +229,26 @@ def q_backup(reward: jax.Array, terminal: jax.Array, next_v: jax.Array, discount
 
 
 # ---- Train step ----
+def sample_batch(key: jax.Array, data: dict[str, jax.Array], batch_size: int, online: tuple | None = None,
+                 mixing_ratio: float | None = None) -> dict[str, jax.Array]:
+    """A minibatch drawn uniformly from the data; while fine-tuning (online = (rows, filled), the online ring buffer and
+    its filled length), a mixing_ratio share from the data and the rest from the online rows, or, with None, uniformly
+    from both as one buffer."""
+    n = data["rewards"].shape[0]
+    if online is None:
+        idx = jax.random.randint(key, (batch_size,), 0, n)
+        return jax.tree.map(lambda x: x[idx], data)
+    rows, filled = online
+    if mixing_ratio is None:  # one buffer: rows [0, n) are the data, [n, n + filled) the online transitions
+        idx = jax.random.randint(key, (batch_size,), 0, n + filled)
+        pick = lambda x, y: jnp.where((idx < n).reshape(-1, *[1] * (x.ndim - 1)), x[jnp.minimum(idx, n - 1)], y[jnp.maximum(idx - n, 0)])
+        return jax.tree.map(pick, data, rows)
+    k_off, k_on = jax.random.split(key)
+    n_off = round(mixing_ratio * batch_size)
+    off, on = jax.random.randint(k_off, (n_off,), 0, n), jax.random.randint(k_on, (batch_size - n_off,), 0, filled)
+    return jax.tree.map(lambda x, y: jnp.concatenate([x[off], y[on]]), data, rows)
+
+
 @flax.struct.dataclass
 class IQLState:
     actor: TrainState
@@ -238,8 +265,12 @@ def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCri
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], IQLState]:
     actor_def, critic_def, value_def = make_networks(args, action_dim)
-    # Cosine-decayed actor learning rate (IQL paper, App. B / reference code).
-    actor_tx = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.num_updates, 1)))
+    # Cosine-decayed actor learning rate (IQL paper, App. B / reference code); constant while fine-tuning online, as in the
+    # reference code's fine-tuning config (opt_decay_schedule = None).
+    schedule = optax.cosine_decay_schedule(args.actor_lr, max(args.num_updates, 1))
+    if args.online_steps:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(args.actor_lr)], [args.num_updates])
+    actor_tx = optax.adam(schedule)
 
     def init(seed: jax.Array) -> IQLState:
         key = jax.random.PRNGKey(seed)
@@ -262,10 +293,9 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
 def make_update(args: Args) -> Callable:
     expectile, temperature, nan_at = args.expectile, args.temperature, common.debug_nan_at()
 
-    def update(state: IQLState, data: dict[str, jax.Array], step: jax.Array) -> tuple[IQLState, dict]:
+    def update(state: IQLState, data: dict[str, jax.Array], step: jax.Array, online: tuple | None = None) -> tuple[IQLState, dict]:
         key, k_idx = jax.random.split(state.key)
-        idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
-        b = jax.tree.map(lambda x: x[idx], data)
+        b = sample_batch(k_idx, data, args.batch_size, online, args.mixing_ratio)
         obs, act = b["observations"], b["actions"]
 
         # Value update, Eq. (5): expectile regression of V(s) onto min_i Q_target_i(s, a).
@@ -339,6 +369,67 @@ def make_train_chunk(update: Callable) -> Callable:
     return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
 
 
+# ---- Online fine-tuning (--online-steps) ----
+def new_buffer(data: dict[str, jax.Array], num_seeds: int, capacity: int) -> dict:
+    """The online part of the replay buffer, on the device: per seed a ring of `capacity` rows with the data's fields."""
+    rows = {k: jnp.zeros((num_seeds, capacity, *v.shape[1:]), v.dtype) for k, v in data.items()}
+    return {"rows": rows, "count": jnp.zeros((), jnp.int32)}  # count: transitions written per seed
+
+
+def buffer_insert(buffer: dict, new: dict[str, jax.Array]) -> dict:
+    """Write K new transitions per seed ([S, K, ...]) after the last ones, wrapping over the oldest when full."""
+    capacity, k = buffer["rows"]["rewards"].shape[1], new["rewards"].shape[1]
+    idx = (buffer["count"] + jnp.arange(k)) % capacity
+    return {"rows": jax.tree.map(lambda b, x: b.at[:, idx].set(x), buffer["rows"], new), "count": buffer["count"] + k}
+
+
+def make_explore(actor_def: nn.Module) -> Callable:
+    """One seed's exploration actions while fine-tuning: a ~ pi(.|s), clipped to [-1, 1] (CORL's IQL samples its Gaussian)."""
+
+    def explore(state: IQLState, obs: jax.Array) -> tuple[IQLState, jax.Array]:
+        key, k = jax.random.split(state.key)
+        mean, log_std = actor_def.apply(state.actor.params, obs)
+        return state.replace(key=key), jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape), -1.0, 1.0)
+
+    return explore
+
+
+def make_online_call(update: Callable, explore: Callable) -> Callable:
+    """jit: put the last env steps' transitions [S, K] into the buffer, run K updates of every seed on batches mixing
+    the data with the online rows (update-to-data ratio 1), then pick the next K actions of every seed."""
+
+    def call(states: IQLState, data: dict, buffer: dict, new: dict, obs: jax.Array, step0: jax.Array):
+        buffer = buffer_insert(buffer, new)
+        online = (buffer["rows"], jnp.minimum(buffer["count"], buffer["rows"]["rewards"].shape[1]))
+
+        def body(carry, step):
+            return jax.vmap(update, in_axes=(0, None, None, (0, None)))(carry, data, step, online)
+
+        states, metrics = jax.lax.scan(body, states, step0 + jnp.arange(new["rewards"].shape[1]))
+        states, actions = jax.vmap(explore)(states, obs)
+        return states, buffer, actions, jax.tree.map(lambda m: m[-1], metrics)
+
+    return jax.jit(call, donate_argnums=(0, 2))
+
+
+def fine_tune(args: Args, run: common.Run, states: IQLState, batch: dict, policy: Callable, reward_fn: Callable) -> tuple:
+    """Online fine-tuning after the offline updates: the same update, on the data plus the agent's own transitions."""
+    explore = make_explore(make_networks(args, run.prep.act_dim)[0])
+    envs = common.OnlineEnvs(run.info, run.prep, len(run.seeds), args.num_envs, args.seed)
+    buffer, online_call = new_buffer(batch, len(run.seeds), min(args.buffer_size, args.online_steps)), make_online_call(make_update(args), explore)
+    states, actions = jax.jit(jax.vmap(explore))(states, jnp.asarray(envs.obs))
+    if not run.history or run.history[-1]["update"] != run.step:  # the score at hand-over
+        run.evaluate(policy, states.actor.params)
+    for _ in run.online():  # until --online-steps more updates, or Ctrl-C
+        new = envs.step(np.asarray(actions))
+        new["rewards"] = reward_fn(new["rewards"])
+        states, buffer, actions = run.train_online(online_call, states, batch, buffer, new, envs.obs)
+        if run.eval_due:
+            run.evaluate(policy, states.actor.params)
+            run.save(states)
+    return states, common.online_summary(run.history, run.handover, args.online_steps, envs.episodes)
+
+
 # ---- Evaluation and use ----
 def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
     """Deterministic policy (the tanh mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
@@ -365,7 +456,8 @@ def main(args: Args) -> dict:
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
     args = resolve_preset(args, info)
     run = common.Run(ALGORITHM, args, info, data, hyperparameters={k: getattr(args, k) for k in ("preset", *PRESETS[args.preset])})
-    batch = jax.device_put(run.prep.arrays(data, rewards=process_rewards(args, data, info)))  # on the device once
+    reward_fn = reward_transform(args, data, info)
+    batch = jax.device_put(run.prep.arrays(data, rewards=reward_fn(data["rewards"])))  # on the device once
     states = run.restore(jax.vmap(make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim))(jnp.asarray(run.seeds)))
     train_chunk = make_train_chunk(make_update(args))
     policy = make_policy_fn(make_networks(args, run.prep.act_dim)[0], run.prep)
@@ -374,7 +466,10 @@ def main(args: Args) -> dict:
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
             run.save(states)
-    return run.finish(states, policy, states.actor.params)
+    online = {}
+    if args.online_steps and not run.stop:  # then fine-tune online (--online-steps)
+        states, online = fine_tune(args, run, states, batch, policy, reward_fn)
+    return run.finish(states, policy, states.actor.params, **({"online": online} if online else {}))
 
 
 if __name__ == "__main__":
