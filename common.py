@@ -281,13 +281,14 @@ class OnlineEnvs:
     """The fine-tuning envs (--online-steps): num_envs copies of the eval env per seed, stepped in lockstep on the host.
 
     `step(actions [S, K, act] in [-1, 1])` returns the K transitions of every seed in training units (Prep). Only a real
-    terminal is a terminal: a time-limit cut is not, and its next state is the true last state, not the reset one."""
+    terminal is a terminal: a time-limit cut is not, and its next state is the true last state, not the reset one.
+    `ended` [S, K] says which envs' episodes ended (terminal or cut) at the last step."""
 
     def __init__(self, info: dict, prep: Prep, num_seeds: int, num_envs: int, seed: int):
         self.envs, self.prep, self.shape = [env_maker(info)() for _ in range(num_seeds * num_envs)], prep, (num_seeds, num_envs)
         self.seed, self.resets = seed + 1_000_003, 0  # reset seeds apart from the evaluation's
         self.raw = np.stack([self._reset(e) for e in self.envs]).astype(np.float32)
-        self.ep_return, self.ep_success = np.zeros(len(self.envs)), np.zeros(len(self.envs), bool)
+        self.ep_return, self.ep_success, self.ended = np.zeros(len(self.envs)), np.zeros(len(self.envs), bool), np.zeros(self.shape, bool)
         self.episodes: list[list[tuple[float, bool | None]]] = [[] for _ in range(num_seeds)]  # (return, success) per seed
 
     def _reset(self, env: gym.Env) -> np.ndarray:
@@ -302,6 +303,7 @@ class OnlineEnvs:
     def step(self, actions: np.ndarray) -> dict[str, np.ndarray]:
         obs, act = self.obs, np.asarray(actions).reshape(len(self.envs), -1)
         nxt, rew, term = np.empty_like(self.raw), np.zeros(len(self.envs), np.float32), np.zeros(len(self.envs), np.float32)
+        self.ended = np.zeros(self.shape, bool)
         for i, env in enumerate(self.envs):
             o, rew[i], terminated, truncated, step_info = env.step(self.prep.to_env(act[i]))
             nxt[i], term[i], self.raw[i] = o, float(terminated), o
@@ -309,6 +311,7 @@ class OnlineEnvs:
             success = step_info.get("success", step_info.get("is_success"))  # goal tasks report it; locomotion does not
             self.ep_success[i] |= bool(success)
             if terminated or truncated:
+                self.ended.flat[i] = True
                 self.episodes[i // self.shape[1]].append((float(self.ep_return[i]), None if success is None else bool(self.ep_success[i])))
                 self.raw[i], self.ep_return[i], self.ep_success[i] = self._reset(env), 0.0, False
         nobs = (nxt - self.prep.obs_mean) / self.prep.obs_std
@@ -558,6 +561,8 @@ class Run:
 
     def _speed(self) -> str:
         ups, left = self.trained / max(self.train_time, 1e-9), self.total - self.step
+        if not self.trained:  # only compiled so far (a resumed run, or the first online call): no speed yet
+            return "compiling"
         eta = left / ups + left // self.args.eval_interval * self.eval_time
         return f"{ups:.0f} upd/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
 

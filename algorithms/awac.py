@@ -1,7 +1,7 @@
 """Advantage-Weighted Actor-Critic (AWAC) -- single-file JAX/Flax implementation.
 
 Nair, Gupta, Dalal & Levine, "AWAC: Accelerating Online Reinforcement Learning with Offline Datasets", 2020.
-https://arxiv.org/abs/2006.09359  (offline phase only; settings also follow CORL's awac.py)
+https://arxiv.org/abs/2006.09359  (offline phase, then optional online fine-tuning; settings also follow CORL's awac.py)
 
     python algorithms/awac.py --env hopper-medium-v2
     python algorithms/awac.py --dataset my_data.hdf5 --eval-env Hopper-v4 --num-seeds 4
@@ -101,6 +101,14 @@ class Args:
     tanh_mean: bool = False
     """Squash the Gaussian mean with tanh into the action box. Off, as in CORL's awac.py: with it, 2 of 5 seeds collapsed on
     hopper-medium-replay (recipe) within 30k updates, without it none (issue #15; benchmarks/results/awac-stability.md)."""
+    online_steps: int = 0
+    """Online fine-tuning after the offline updates: env steps per seed, one update each (CORL's fine-tuning: 1M); 0: offline only."""
+    num_envs: int = 1
+    """Fine-tuning envs per seed, stepped in lockstep: each device call adds num_envs transitions and runs num_envs updates."""
+    mixing_ratio: float | None = None
+    """Offline share of each fine-tuning batch (Cal-QL: 0.5); None samples the data and the online transitions as one buffer (CORL's AWAC)."""
+    buffer_size: int = 1_000_000
+    """Online transitions kept on the device while fine-tuning, the oldest overwritten first; the offline data is always kept."""
 
 
 # ---- Networks ----
@@ -192,6 +200,26 @@ def td_target(reward: jax.Array, terminal: jax.Array, next_q: jax.Array, discoun
 
 
 # ---- Train step ----
+def sample_batch(key: jax.Array, data: dict[str, jax.Array], batch_size: int, online: tuple | None = None,
+                 mixing_ratio: float | None = None) -> dict[str, jax.Array]:
+    """A minibatch drawn uniformly from the data; while fine-tuning (online = (rows, filled), the online ring buffer and
+    its filled length), a mixing_ratio share from the data and the rest from the online rows, or, with None, uniformly
+    from both as one buffer."""
+    n = data["rewards"].shape[0]
+    if online is None:
+        idx = jax.random.randint(key, (batch_size,), 0, n)
+        return jax.tree.map(lambda x: x[idx], data)
+    rows, filled = online
+    if mixing_ratio is None:  # one buffer: rows [0, n) are the data, [n, n + filled) the online transitions
+        idx = jax.random.randint(key, (batch_size,), 0, n + filled)
+        pick = lambda x, y: jnp.where((idx < n).reshape(-1, *[1] * (x.ndim - 1)), x[jnp.minimum(idx, n - 1)], y[jnp.maximum(idx - n, 0)])
+        return jax.tree.map(pick, data, rows)
+    k_off, k_on = jax.random.split(key)
+    n_off = round(mixing_ratio * batch_size)
+    off, on = jax.random.randint(k_off, (n_off,), 0, n), jax.random.randint(k_on, (batch_size - n_off,), 0, filled)
+    return jax.tree.map(lambda x, y: jnp.concatenate([x[off], y[on]]), data, rows)
+
+
 @flax.struct.dataclass
 class AWACState:
     actor: TrainState
@@ -232,10 +260,9 @@ def sample_gaussian(key: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.
 def make_update(args: Args) -> Callable:
     nan_at = common.debug_nan_at()
 
-    def update(state: AWACState, data: dict[str, jax.Array], step: jax.Array) -> tuple[AWACState, dict]:
+    def update(state: AWACState, data: dict[str, jax.Array], step: jax.Array, online: tuple | None = None) -> tuple[AWACState, dict]:
         key, k_idx, k_next, k_pi = jax.random.split(state.key, 4)
-        idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
-        b = jax.tree.map(lambda x: x[idx], data)
+        b = sample_batch(k_idx, data, args.batch_size, online, args.mixing_ratio)
         obs, act = b["observations"], b["actions"]
         actor_apply, critic_apply = state.actor.apply_fn, state.critic.apply_fn
 
@@ -295,6 +322,67 @@ def make_train_chunk(update: Callable) -> Callable:
     return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
 
 
+# ---- Online fine-tuning (--online-steps) ----
+def new_buffer(data: dict[str, jax.Array], num_seeds: int, capacity: int) -> dict:
+    """The online part of the replay buffer, on the device: per seed a ring of `capacity` rows with the data's fields."""
+    rows = {k: jnp.zeros((num_seeds, capacity, *v.shape[1:]), v.dtype) for k, v in data.items()}
+    return {"rows": rows, "count": jnp.zeros((), jnp.int32)}  # count: transitions written per seed
+
+
+def buffer_insert(buffer: dict, new: dict[str, jax.Array]) -> dict:
+    """Write K new transitions per seed ([S, K, ...]) after the last ones, wrapping over the oldest when full."""
+    capacity, k = buffer["rows"]["rewards"].shape[1], new["rewards"].shape[1]
+    idx = (buffer["count"] + jnp.arange(k)) % capacity
+    return {"rows": jax.tree.map(lambda b, x: b.at[:, idx].set(x), buffer["rows"], new), "count": buffer["count"] + k}
+
+
+def make_explore(actor_def: nn.Module) -> Callable:
+    """One seed's exploration actions while fine-tuning: a ~ pi(.|s), clipped to [-1, 1] (CORL's AWAC samples its Gaussian)."""
+
+    def explore(state: AWACState, obs: jax.Array) -> tuple[AWACState, jax.Array]:
+        key, k = jax.random.split(state.key)
+        mean, log_std = actor_def.apply(state.actor.params, obs)
+        return state.replace(key=key), jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape), -1.0, 1.0)
+
+    return explore
+
+
+def make_online_call(update: Callable, explore: Callable) -> Callable:
+    """jit: put the last env steps' transitions [S, K] into the buffer, run K updates of every seed on batches mixing
+    the data with the online rows (update-to-data ratio 1), then pick the next K actions of every seed."""
+
+    def call(states: AWACState, data: dict, buffer: dict, new: dict, obs: jax.Array, step0: jax.Array):
+        buffer = buffer_insert(buffer, new)
+        online = (buffer["rows"], jnp.minimum(buffer["count"], buffer["rows"]["rewards"].shape[1]))
+
+        def body(carry, step):
+            return jax.vmap(update, in_axes=(0, None, None, (0, None)))(carry, data, step, online)
+
+        states, metrics = jax.lax.scan(body, states, step0 + jnp.arange(new["rewards"].shape[1]))
+        states, actions = jax.vmap(explore)(states, obs)
+        return states, buffer, actions, jax.tree.map(lambda m: m[-1], metrics)
+
+    return jax.jit(call, donate_argnums=(0, 2))
+
+
+def fine_tune(args: Args, run: common.Run, states: AWACState, batch: dict, policy: Callable, reward_fn: Callable) -> tuple:
+    """Online fine-tuning after the offline updates: the same update, on the data plus the agent's own transitions."""
+    explore = make_explore(make_networks(args, run.prep.act_dim)[0])
+    envs = common.OnlineEnvs(run.info, run.prep, len(run.seeds), args.num_envs, args.seed)
+    buffer, online_call = new_buffer(batch, len(run.seeds), min(args.buffer_size, args.online_steps)), make_online_call(make_update(args), explore)
+    states, actions = jax.jit(jax.vmap(explore))(states, jnp.asarray(envs.obs))
+    if not run.history or run.history[-1]["update"] != run.step:  # the score at hand-over
+        run.evaluate(policy, states.actor.params)
+    for _ in run.online():  # until --online-steps more updates, or Ctrl-C
+        new = envs.step(np.asarray(actions))
+        new["rewards"] = reward_fn(new["rewards"])
+        states, buffer, actions = run.train_online(online_call, states, batch, buffer, new, envs.obs)
+        if run.eval_due:
+            run.evaluate(policy, states.actor.params)
+            run.save(states)
+    return states, common.online_summary(run.history, run.handover, args.online_steps, envs.episodes)
+
+
 # ---- Evaluation and use ----
 def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
     """Deterministic policy (the Gaussian mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
@@ -331,7 +419,10 @@ def main(args: Args) -> dict:
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
             run.save(states)
-    return run.finish(states, policy, states.actor.params)
+    online = {}
+    if args.online_steps and not run.stop:  # then fine-tune online (--online-steps)
+        states, online = fine_tune(args, run, states, batch, policy, lambda r: r)  # AWAC uses the raw rewards
+    return run.finish(states, policy, states.actor.params, **({"online": online} if online else {}))
 
 
 if __name__ == "__main__":

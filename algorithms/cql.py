@@ -6,6 +6,7 @@ https://arxiv.org/abs/2006.04779  (reference code: github.com/aviralkumar2907/CQ
     python algorithms/cql.py --env hopper-medium-v2
     python algorithms/cql.py --dataset my_data.hdf5 --eval-env Hopper-v4 --num-seeds 4
     python algorithms/cql.py --env hopper-medium-v2 --cql-lagrange --cql-target-gap 10
+    python algorithms/cql.py --env hopper-medium-v2 --online-steps 1000000         # then fine-tune online (1M env steps)
     python algorithms/cql.py --load runs/.../checkpoint.msgpack                    # resume (same folder, same schedule)
     python algorithms/cql.py --load runs/.../checkpoint.msgpack --num-updates 0    # only evaluate it
 
@@ -110,12 +111,21 @@ class Args:
     """Lower clip of the policy log-std (SAC / CORL: -20)."""
     log_std_max: float = 2.0
     """Upper clip of the policy log-std (SAC / CORL: 2)."""
+    online_steps: int = 0
+    """Online fine-tuning after the offline updates: env steps per seed, one update each (CORL's fine-tuning: 1M); 0: offline only."""
+    num_envs: int = 1
+    """Fine-tuning envs per seed, stepped in lockstep: each device call adds num_envs transitions and runs num_envs updates."""
+    mixing_ratio: float | None = None
+    """Offline share of each fine-tuning batch (Cal-QL: 0.5); None samples the data and the online transitions as one buffer (CORL's CQL)."""
+    buffer_size: int = 1_000_000
+    """Online transitions kept on the device while fine-tuning, the oldest overwritten first; the offline data is always kept."""
 
 
 # CQL uses one set of hyperparameters for all Gym-MuJoCo datasets (CQL paper, App. F): no presets.
-def process_rewards(args: Args, data: dict[str, np.ndarray], info: dict) -> np.ndarray:
-    """reward_scale * r + reward_bias (identity by default: CQL uses the raw rewards on Gym-MuJoCo)."""
-    return (args.reward_scale * data["rewards"] + args.reward_bias).astype(np.float32)
+def reward_transform(args: Args, data: dict[str, np.ndarray], info: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """r -> the training reward reward_scale * r + reward_bias, one map for the data and for the online transitions
+    (identity by default: CQL uses the raw rewards on Gym-MuJoCo)."""
+    return lambda r: (args.reward_scale * np.asarray(r, np.float32) + args.reward_bias).astype(np.float32)
 
 
 # ---- Networks ----
@@ -252,6 +262,26 @@ def temperature_loss(log_alpha: jax.Array, log_prob: jax.Array, target_entropy: 
 
 
 # ---- Train step ----
+def sample_batch(key: jax.Array, data: dict[str, jax.Array], batch_size: int, online: tuple | None = None,
+                 mixing_ratio: float | None = None) -> dict[str, jax.Array]:
+    """A minibatch drawn uniformly from the data; while fine-tuning (online = (rows, filled), the online ring buffer and
+    its filled length), a mixing_ratio share from the data and the rest from the online rows, or, with None, uniformly
+    from both as one buffer."""
+    n = data["rewards"].shape[0]
+    if online is None:
+        idx = jax.random.randint(key, (batch_size,), 0, n)
+        return jax.tree.map(lambda x: x[idx], data)
+    rows, filled = online
+    if mixing_ratio is None:  # one buffer: rows [0, n) are the data, [n, n + filled) the online transitions
+        idx = jax.random.randint(key, (batch_size,), 0, n + filled)
+        pick = lambda x, y: jnp.where((idx < n).reshape(-1, *[1] * (x.ndim - 1)), x[jnp.minimum(idx, n - 1)], y[jnp.maximum(idx - n, 0)])
+        return jax.tree.map(pick, data, rows)
+    k_off, k_on = jax.random.split(key)
+    n_off = round(mixing_ratio * batch_size)
+    off, on = jax.random.randint(k_off, (n_off,), 0, n), jax.random.randint(k_on, (batch_size - n_off,), 0, filled)
+    return jax.tree.map(lambda x, y: jnp.concatenate([x[off], y[on]]), data, rows)
+
+
 @flax.struct.dataclass
 class CQLState:
     actor: TrainState
@@ -292,10 +322,9 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
 def make_update(args: Args) -> Callable:
     n, nan_at = args.cql_num_actions, common.debug_nan_at()
 
-    def update(state: CQLState, data: dict[str, jax.Array], step: jax.Array) -> tuple[CQLState, dict]:
+    def update(state: CQLState, data: dict[str, jax.Array], step: jax.Array, online: tuple | None = None) -> tuple[CQLState, dict]:
         key, k_idx, k_pi, k_next, k_rand, k_cur, k_cnext = jax.random.split(state.key, 7)
-        idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
-        b = jax.tree.map(lambda x: x[idx], data)
+        b = sample_batch(k_idx, data, args.batch_size, online, args.mixing_ratio)
         obs, act, next_obs = b["observations"], b["actions"], b["next_observations"]
         batch, act_dim = act.shape
         target_entropy = -act_dim if args.target_entropy is None else args.target_entropy
@@ -397,6 +426,66 @@ def make_train_chunk(update: Callable) -> Callable:
     return jax.jit(chunk, static_argnames="num_steps", donate_argnums=0)
 
 
+# ---- Online fine-tuning (--online-steps) ----
+def new_buffer(data: dict[str, jax.Array], num_seeds: int, capacity: int) -> dict:
+    """The online part of the replay buffer, on the device: per seed a ring of `capacity` rows with the data's fields."""
+    rows = {k: jnp.zeros((num_seeds, capacity, *v.shape[1:]), v.dtype) for k, v in data.items()}
+    return {"rows": rows, "count": jnp.zeros((), jnp.int32)}  # count: transitions written per seed
+
+
+def buffer_insert(buffer: dict, new: dict[str, jax.Array]) -> dict:
+    """Write K new transitions per seed ([S, K, ...]) after the last ones, wrapping over the oldest when full."""
+    capacity, k = buffer["rows"]["rewards"].shape[1], new["rewards"].shape[1]
+    idx = (buffer["count"] + jnp.arange(k)) % capacity
+    return {"rows": jax.tree.map(lambda b, x: b.at[:, idx].set(x), buffer["rows"], new), "count": buffer["count"] + k}
+
+
+def make_explore(actor_def: nn.Module) -> Callable:
+    """One seed's exploration actions while fine-tuning: a ~ pi(.|s), the tanh-Gaussian's sample (CORL's CQL samples its policy)."""
+
+    def explore(state: CQLState, obs: jax.Array) -> tuple[CQLState, jax.Array]:
+        key, k = jax.random.split(state.key)
+        return state.replace(key=key), sample_tanh_gaussian(k, *actor_def.apply(state.actor.params, obs), 1)[0][:, 0]
+
+    return explore
+
+
+def make_online_call(update: Callable, explore: Callable) -> Callable:
+    """jit: put the last env steps' transitions [S, K] into the buffer, run K updates of every seed on batches mixing
+    the data with the online rows (update-to-data ratio 1), then pick the next K actions of every seed."""
+
+    def call(states: CQLState, data: dict, buffer: dict, new: dict, obs: jax.Array, step0: jax.Array):
+        buffer = buffer_insert(buffer, new)
+        online = (buffer["rows"], jnp.minimum(buffer["count"], buffer["rows"]["rewards"].shape[1]))
+
+        def body(carry, step):
+            return jax.vmap(update, in_axes=(0, None, None, (0, None)))(carry, data, step, online)
+
+        states, metrics = jax.lax.scan(body, states, step0 + jnp.arange(new["rewards"].shape[1]))
+        states, actions = jax.vmap(explore)(states, obs)
+        return states, buffer, actions, jax.tree.map(lambda m: m[-1], metrics)
+
+    return jax.jit(call, donate_argnums=(0, 2))
+
+
+def fine_tune(args: Args, run: common.Run, states: CQLState, batch: dict, policy: Callable, reward_fn: Callable) -> tuple:
+    """Online fine-tuning after the offline updates: the same update, on the data plus the agent's own transitions."""
+    explore = make_explore(make_networks(args, run.prep.act_dim)[0])
+    envs = common.OnlineEnvs(run.info, run.prep, len(run.seeds), args.num_envs, args.seed)
+    buffer, online_call = new_buffer(batch, len(run.seeds), min(args.buffer_size, args.online_steps)), make_online_call(make_update(args), explore)
+    states, actions = jax.jit(jax.vmap(explore))(states, jnp.asarray(envs.obs))
+    if not run.history or run.history[-1]["update"] != run.step:  # the score at hand-over
+        run.evaluate(policy, states.actor.params)
+    for _ in run.online():  # until --online-steps more updates, or Ctrl-C
+        new = envs.step(np.asarray(actions))
+        new["rewards"] = reward_fn(new["rewards"])
+        states, buffer, actions = run.train_online(online_call, states, batch, buffer, new, envs.obs)
+        if run.eval_due:
+            run.evaluate(policy, states.actor.params)
+            run.save(states)
+    return states, common.online_summary(run.history, run.handover, args.online_steps, envs.episodes)
+
+
 # ---- Evaluation and use ----
 def make_policy_fn(actor_def: nn.Module, prep: common.Prep) -> Callable:
     """Deterministic policy (the tanh mean) for all seeds: params [S, ...], obs [S, E, obs] -> [S, E, act] in [-1, 1]."""
@@ -422,7 +511,8 @@ def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
 def main(args: Args) -> dict:
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
     run = common.Run(ALGORITHM, args, info, data, hyperparameters={k: getattr(args, k) for k in ("cql_alpha", "cql_lagrange", "cql_target_gap")})
-    batch = jax.device_put(run.prep.arrays(data, rewards=process_rewards(args, data, info)))  # on the device once
+    reward_fn = reward_transform(args, data, info)
+    batch = jax.device_put(run.prep.arrays(data, rewards=reward_fn(data["rewards"])))  # on the device once
     states = run.restore(jax.vmap(make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim))(jnp.asarray(run.seeds)))
     train_chunk = make_train_chunk(make_update(args))
     policy = make_policy_fn(make_networks(args, run.prep.act_dim)[0], run.prep)
@@ -431,7 +521,10 @@ def main(args: Args) -> dict:
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
             run.save(states)
-    return run.finish(states, policy, states.actor.params)
+    online = {}
+    if args.online_steps and not run.stop:  # then fine-tune online (--online-steps)
+        states, online = fine_tune(args, run, states, batch, policy, reward_fn)
+    return run.finish(states, policy, states.actor.params, **({"online": online} if online else {}))
 
 
 if __name__ == "__main__":
