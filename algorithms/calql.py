@@ -542,19 +542,22 @@ def fine_tune(args: Args, run: common.Run, states: CQLState, batch: dict, policy
         new["rewards"] = reward_fn(new["rewards"])
         new["mc_returns"] = np.full(new["rewards"].shape, -np.inf, np.float32)  # no floor until the episode ends
         states, buffer, actions = run.train_online(online_call, states, batch, buffer, new, envs.obs)
-        slots, values = np.full((num_seeds, num_envs, length), capacity), np.zeros((num_seeds, num_envs, length), np.float32)
+        ended = []
         for (s, k), (rows, rewards, terminals) in episodes.items():
             rows.append(count + k)
             rewards.append(new["rewards"][s, k])
             terminals.append(new["terminals"][s, k])
             if envs.ended[s, k]:  # the episode ended (terminal or time limit): its returns-to-go, no bootstrap
-                g = returns_to_go(np.array(rewards), np.array(terminals), [len(rewards)], args.discount, failure_reward)[-length:]
-                last = np.array(rows[-length:])
-                slots[s, k, :len(g)] = np.where(last >= count + num_envs - capacity, last % capacity, capacity)  # overwritten: none
-                values[s, k, :len(g)] = g
+                ended.append((s, k, rows, rewards, terminals))
                 episodes[s, k] = ([], [], [])
         count += num_envs
-        if envs.ended.any():
+        if ended:  # write them into the ring: [S, K * length] slots, those out of range (padding, overwritten) dropped
+            slots, values = np.full((num_seeds, num_envs, length), capacity), np.zeros((num_seeds, num_envs, length), np.float32)
+            for s, k, rows, rewards, terminals in ended:
+                g = returns_to_go(np.array(rewards), np.array(terminals), [len(rewards)], args.discount, failure_reward)[-length:]
+                last = np.array(rows[-length:])
+                slots[s, k, :len(g)] = np.where(last >= count - capacity, last % capacity, capacity)  # overwritten: none
+                values[s, k, :len(g)] = g
             buffer = write_returns(buffer, jnp.asarray(slots.reshape(num_seeds, -1)), jnp.asarray(values.reshape(num_seeds, -1)))
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
