@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(ROOT / "benchmarks" / "runs"))
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--table-only", action="store_true", help="render the table from the runs there, run nothing")
+    p.add_argument("--notes", help="a markdown file of observations on these runs, written by hand, shown under the claims")
     a = p.parse_args()
     grid = Path(a.runs_dir) / a.label
     for ds in a.datasets:
@@ -72,7 +73,7 @@ def cell_rows(grid: Path, datasets: list[str]) -> list[dict]:
                          "offline_updates": r["config"]["num_updates"], "online_steps": o.get("online_steps", 0),
                          "planned_online_steps": r["config"].get("online_steps", 0),
                          "score": o.get("score"), "per_seed": o.get("per_seed", {}), "regret": o.get("regret"),
-                         "dataset_source": r["source"], "dataset_sha256": r.get("dataset_sha256"),
+                         "dataset_source": r.get("source_kind") or r["source"], "dataset_sha256": r.get("dataset_sha256"),
                          "updates_per_s": r["updates_per_s"], "wall_time_s": r["wall_time_s"],
                          "command": "python " + " ".join(shlex.quote(str(x)) for x in [f"algorithms/{algo}.py", *argv(r)])})
     return rows
@@ -82,7 +83,7 @@ def argv(r: dict) -> list[str]:
     """The cell's flags as run (from its config), for the table."""
     c = r["config"]
     keys = ("env", "num_seeds", "num_updates", "online_steps", "eval_interval", "eval_episodes", "mixing_ratio", "num_envs")
-    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(c[k]))]
+    return [x for k in keys if c.get(k) is not None for x in (f"--{k.replace('_', '-')}", str(c[k]))]
 
 
 def fmt(xs: list | None) -> str:
@@ -128,6 +129,8 @@ def table(a: argparse.Namespace, grid: Path) -> None:
                     fx, fy = (np.mean(by[(ds, m)][key]) for m in (x, y))
                     lines.append(f"- {ds}: {x}'s {word} {fx:.1f} against {y}'s {fy:.1f}: "
                                  f"{'above' if fx > fy else 'not above'} (claim: above).")
+    if a.notes:
+        lines += ["", "## Notes", "", Path(a.notes).read_text().strip()]
     lines += ["", "## Beside it: CORL's offline-to-online table (another domain)", "",
               "CORL README, commit 6afec904: 1M offline updates then 1M online steps, 4 seeds, D4RL antmaze (6 tasks) and "
               "Adroit cloned (4 tasks); averages, offline → online normalized score, and regret. Not comparable number "
