@@ -35,7 +35,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import common  # noqa: E402
 
 ALGORITHM = "awac"
-LEGACY = {"tanh_mean": True}  # what checkpoints written before these flags existed did
+LEGACY = {"tanh_mean": True, "torch_init": False}  # what checkpoints written before each flag existed did
 
 
 # ---- Config ----
@@ -71,8 +71,9 @@ class Args:
     """Also keep the checkpoint of every evaluation, as <log_dir>/checkpoints/<update>.msgpack (the policy family of off-policy evaluation, benchmarks/dope.py)."""
     hidden_dim: int = 256
     """Width of every hidden layer (CORL's awac.py: 256)."""
-    num_layers: int = 2
-    """Number of hidden layers (this project uses 2 everywhere; the AWAC paper's policy has 4)."""
+    num_layers: int = 3
+    """Number of hidden layers (CORL's awac.py: 3x256 actor and critics; the AWAC paper's policy has 4). With 2, and
+    with 2 plus --torch-init, seeds collapsed on hopper-medium (recipe) within 30k updates (issue #15)."""
     normalize_states: bool = True
     """Standardize states with the dataset's mean and std (kept in the checkpoint)."""
     awac_lambda: float = 1.0 / 3.0
@@ -90,6 +91,10 @@ class Args:
     """Critic Adam learning rate (AWAC paper, App. C: 3e-4)."""
     critic_layer_norm: bool = False
     """LayerNorm before each hidden ReLU of the critics (JAX-CORL's TD3+BC; Ball et al. 2023). Off in the paper."""
+    torch_init: bool = True
+    """Initialize every layer as PyTorch's nn.Linear does (weights and biases U(+-1/sqrt(fan_in)), as in CORL's
+    awac.py) instead of Flax's lecun_normal kernels and zero biases. With 3 layers and this, 0 of 5 seeds collapsed on
+    hopper-medium (recipe) within 30k updates, against 3 of 5 with 2 layers and Flax's init (issue #15)."""
     fixed_std: bool = False
     """Keep the policy std fixed at exp(init_log_std) instead of learning the state-independent log-std."""
     init_log_std: float = 0.0
@@ -114,21 +119,31 @@ class Args:
 # ---- Networks ----
 class MLP(nn.Module):
     """num_layers ReLU layers of hidden_dim, then a linear output; optionally LayerNorm before each ReLU
-    (Ball et al. 2023; JAX-CORL's TD3+BC critic) and orthogonal(sqrt 2) kernels (JAX-CORL) instead of lecun_normal."""
+    (Ball et al. 2023; JAX-CORL's TD3+BC critic) and orthogonal(sqrt 2) kernels (JAX-CORL) instead of lecun_normal,
+    or PyTorch's nn.Linear default (weights and biases U(+-1/sqrt(fan_in)), CORL's networks)."""
 
     hidden_dim: int
     num_layers: int
     out_dim: int
     layer_norm: bool = False
     orthogonal_init: bool = False
+    torch_init: bool = False
+
+    def dense(self, x: jax.Array, features: int) -> jax.Array:
+        if self.torch_init:  # torch.nn.Linear.reset_parameters: kaiming_uniform(a=sqrt 5) = U(+-1/sqrt(fan_in))
+            bound = 1.0 / jnp.sqrt(x.shape[-1])
+            bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+            return nn.Dense(features, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                            bias_init=bias_init)(x)
+        init = nn.initializers.orthogonal(jnp.sqrt(2.0)) if self.orthogonal_init else nn.initializers.lecun_normal()
+        return nn.Dense(features, kernel_init=init)(x)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.orthogonal(jnp.sqrt(2.0)) if self.orthogonal_init else nn.initializers.lecun_normal()
         for _ in range(self.num_layers):
-            x = nn.Dense(self.hidden_dim, kernel_init=init)(x)
+            x = self.dense(x, self.hidden_dim)
             x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
-        return nn.Dense(self.out_dim, kernel_init=init)(x)
+        return self.dense(x, self.out_dim)
 
 
 class DoubleCritic(nn.Module):
@@ -138,6 +153,7 @@ class DoubleCritic(nn.Module):
     num_layers: int
     layer_norm: bool = False
     orthogonal_init: bool = False
+    torch_init: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
@@ -150,7 +166,8 @@ class DoubleCritic(nn.Module):
             out_axes=0,
             axis_size=2,
         )
-        return ensemble(self.hidden_dim, self.num_layers, 1, self.layer_norm, self.orthogonal_init)(x)[..., 0]
+        return ensemble(self.hidden_dim, self.num_layers, 1, self.layer_norm, self.orthogonal_init,
+                        self.torch_init)(x)[..., 0]
 
 
 class GaussianActor(nn.Module):
@@ -165,10 +182,11 @@ class GaussianActor(nn.Module):
     log_std_min: float
     log_std_max: float
     tanh_mean: bool
+    torch_init: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean = MLP(self.hidden_dim, self.num_layers, self.action_dim)(obs)
+        mean = MLP(self.hidden_dim, self.num_layers, self.action_dim, torch_init=self.torch_init)(obs)
         mean = jnp.tanh(mean) if self.tanh_mean else mean
         if self.fixed_std:
             return mean, jnp.full((self.action_dim,), self.init_log_std)
@@ -230,8 +248,8 @@ class AWACState:
 
 def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, DoubleCritic]:
     actor = GaussianActor(action_dim, args.hidden_dim, args.num_layers, args.fixed_std, args.init_log_std,
-                          args.log_std_min, args.log_std_max, args.tanh_mean)
-    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm)
+                          args.log_std_min, args.log_std_max, args.tanh_mean, args.torch_init)
+    return actor, DoubleCritic(args.hidden_dim, args.num_layers, args.critic_layer_norm, torch_init=args.torch_init)
 
 
 def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], AWACState]:
@@ -406,8 +424,9 @@ def load_policy(path: str, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
 
 # ---- Main ----
 def main(args: Args) -> dict:
-    if args.load and not LEGACY.keys() <= common.read_checkpoint(args.load)["meta"]["config"].keys():
-        args = dataclasses.replace(args, **LEGACY)  # a checkpoint from before the flag: keep its network
+    if args.load:  # a checkpoint from before a flag existed: keep its network
+        saved = common.read_checkpoint(args.load)["meta"]["config"]
+        args = dataclasses.replace(args, **{k: v for k, v in LEGACY.items() if k not in saved})
     data, info = common.load_dataset(args.dataset or args.env, source=args.source, eval_env=args.eval_env)
     run = common.Run(ALGORITHM, args, info, data, hyperparameters={"awac_lambda": args.awac_lambda, "fixed_std": args.fixed_std})
     batch = jax.device_put(run.prep.arrays(data))  # on the device once (AWAC uses the raw rewards)

@@ -37,6 +37,8 @@ VARIANTS = {
     "tanh_mean": ["--tanh-mean"],  # awac.py's default until issue #15 (run then as "paper", without the flag)
     "layers_3": ["--num-layers", "3"],
     "no_tanh": ["--no-tanh-mean"],
+    "torch_init": ["--torch-init"],
+    "layers_3+torch_init": ["--num-layers", "3", "--torch-init"],
     "corl": ["--num-layers", "3", "--no-tanh-mean"],
 }
 

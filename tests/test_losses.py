@@ -166,6 +166,26 @@ def test_awac_actor_mean_unsquashed_by_default(awac, tmp_path):
         assert bool((jnp.abs(mean) <= 1).all()) if tanh_mean else bool((jnp.abs(mean) > 1).any())
         assert bool((jnp.abs(awac.deterministic_action(actor, params, obs)) <= 1).all())
     assert awac.Args(**{**awac.LEGACY, **{"hidden_dim": 8}}).tanh_mean is True
+    # CORL's networks are the default (issue #15: 0 of 5 seeds collapsed on hopper-medium, 3 of 5 with 2 layers and Flax's
+    # init); a checkpoint from before --torch-init keeps Flax's init, and its recorded tanh_mean is kept
+    assert (awac.Args().num_layers, awac.Args().torch_init) == (3, True)
+    old = awac.Args(**{**awac.LEGACY, **{"tanh_mean": False, "num_layers": 2}})
+    assert (old.tanh_mean, old.torch_init, old.num_layers) == (False, False, 2)
+
+
+def test_awac_torch_init_bounds(awac):
+    """--torch-init draws every weight and bias from PyTorch nn.Linear's U(+-1/sqrt(fan_in)) (CORL's networks), and keeps
+    Flax's parameter names, so checkpoints load either way; without it, lecun_normal kernels and zero biases."""
+    obs = jnp.zeros((1, 11))
+    torch_p = awac.MLP(256, 3, 6, torch_init=True).init(jax.random.PRNGKey(0), obs)["params"]
+    flax_p = awac.MLP(256, 3, 6).init(jax.random.PRNGKey(0), obs)["params"]
+    assert torch_p.keys() == flax_p.keys() == {"Dense_0", "Dense_1", "Dense_2", "Dense_3"}
+    for layer, fan_in in zip(["Dense_0", "Dense_1", "Dense_2", "Dense_3"], [11, 256, 256, 256], strict=True):
+        bound = 1.0 / math.sqrt(fan_in)
+        for x in (torch_p[layer]["kernel"], torch_p[layer]["bias"]):
+            assert float(jnp.abs(x).max()) <= bound
+            assert float(jnp.abs(x).max()) > 0.9 * bound  # uniform over the whole interval, not a narrower law
+        assert float(jnp.abs(flax_p[layer]["bias"]).max()) == 0.0
 
 
 # ---- BC ----
