@@ -33,13 +33,13 @@ VARIANTS = {
     "lr_1e-3+layer_norm": ["--actor-lr", "1e-3", "--critic-lr", "1e-3", "--critic-layer-norm"],
     "jax_corl": ["--actor-lr", "1e-3", "--critic-lr", "1e-3", "--orthogonal-init", "--critic-layer-norm",
                  "--max-transitions", "1000000", "--episode-ends-terminal"],
-    # AWAC against CORL's awac.py (issue #15): its networks have 3 hidden layers and an unsquashed Gaussian mean
-    "tanh_mean": ["--tanh-mean"],  # awac.py's default until issue #15 (run then as "paper", without the flag)
-    "layers_3": ["--num-layers", "3"],
-    "no_tanh": ["--no-tanh-mean"],
-    "torch_init": ["--torch-init"],
-    "layers_3+torch_init": ["--num-layers", "3", "--torch-init"],
-    "corl": ["--num-layers", "3", "--no-tanh-mean"],
+    # AWAC against CORL's awac.py (issue #15): 3 hidden layers, an unsquashed Gaussian mean and PyTorch's initialization
+    # (awac.py's defaults since #15). Each variant names all three, so that its command reruns it under any defaults.
+    "tanh_mean": ["--tanh-mean", "--num-layers", "2", "--no-torch-init"],  # the default until #15 (first run as "paper")
+    "no_tanh": ["--no-tanh-mean", "--num-layers", "2", "--no-torch-init"],
+    "layers_3": ["--no-tanh-mean", "--num-layers", "3", "--no-torch-init"],
+    "torch_init": ["--no-tanh-mean", "--num-layers", "2", "--torch-init"],
+    "layers_3+torch_init": ["--no-tanh-mean", "--num-layers", "3", "--torch-init"],  # = CORL's networks, the default
 }
 
 

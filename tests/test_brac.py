@@ -87,3 +87,19 @@ def test_behaviour_policy_is_fitted_first_then_frozen(brac):
     assert same(s2.behaviour.params, s1.behaviour.params)
     assert not same(s2.actor.params, s1.actor.params) and not same(s2.critic.params, s1.critic.params)
     assert float(m2["bc_phase"]) == 0.0 and float(m2["kl"]) != 0.0
+
+
+def test_train_alpha_takes_a_projected_dual_step(brac):
+    """With --train-alpha a BRAC step moves alpha in the direction of (KL - target) and projects it onto [0, alpha_max]."""
+    args = brac.Args(num_updates=2, bc_updates=0, warm_start=0, hidden_dim=8, actor_hidden_dim=8, batch_size=8,
+                     train_alpha=True, target_divergence=1e6, alpha_lr=0.5, alpha_max=0.3)
+    rng = np.random.default_rng(0)
+    data = {"observations": rng.normal(size=(32, 3)), "actions": rng.uniform(-1, 1, size=(32, 2)),
+            "rewards": rng.normal(size=32), "next_observations": rng.normal(size=(32, 3)), "terminals": np.zeros(32)}
+    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    state = brac.make_init(args, 3, 2)(jnp.asarray(0))
+    s1, m1 = jax.jit(brac.make_update(args))(state, data, jnp.asarray(0))
+    # the KL is far below the target, so the dual step lowers alpha (Adam's first step: lr), clipped at 0
+    assert float(s1.alpha.params["alpha"]) == pytest.approx(0.0) and float(m1["alpha"]) == pytest.approx(0.1)
+    s2, _ = jax.jit(brac.make_update(brac.Args(**{**vars(args), "target_divergence": -1e6})))(state, data, jnp.asarray(0))
+    assert float(s2.alpha.params["alpha"]) == pytest.approx(0.3)  # raised by lr 0.5 from 0.1, clipped at alpha_max

@@ -2,7 +2,7 @@
 
 The dataset is 30 episodes of uniformly random actions plus 12 episodes of a noisy hand-written swing-up
 controller (conftest.pendulum_expert). BC regresses onto the average of both and stays near the random
-policy (about -1100); IQL, CQL and TD3+BC can pick out the good actions with their critics. Small networks
+policy (about -1100); IQL, CQL, TD3+BC and BRAC can pick out the good actions with their critics. Small networks
 and short runs keep the whole test at a few CPU minutes.
 """
 
@@ -31,6 +31,10 @@ RUNS = {
     # alpha = 5 is the CQL paper's Gym value (App. F); CORL's 10 learns too slowly for this short run.
     "cql": ["--num-updates", "16000", "--eval-interval", "8000", "--batch-size", "128", "--num-layers", "2",
             "--cql-num-actions", "4", "--actor-lr", "1e-4", "--cql-alpha", "5"],
+    # BRAC: the reference schedule shortened (3k behaviour-policy updates, then a 500-update warm start of 9k BRAC
+    # updates); the paper's fixed alpha = 0.1 and value penalty. About 30 s.
+    "brac": ["--num-updates", "12000", "--eval-interval", "12000", "--bc-updates", "3000", "--warm-start", "500",
+             "--actor-hidden-dim", "64"],
 }
 
 
@@ -45,5 +49,5 @@ def test_offline_rl_beats_bc_on_mixed_pendulum(tmp_path: Path) -> None:
         returns[algo] = result["last_return"]
         print(f"{algo}: last {result['last_return']:.1f} best {result['best_return']:.1f} "
               f"per seed {[round(s['last_return']) for s in result['per_seed']]} ({result['wall_time_s']:.0f}s)")
-    for algo in ("iql", "td3bc", "cql"):
+    for algo in ("iql", "td3bc", "cql", "brac"):
         assert returns[algo] > returns["bc"] + MARGIN, f"{algo} does not beat BC clearly: {returns}"
