@@ -267,7 +267,7 @@ class BRACState:
     actor: TrainState
     critic: TrainState
     target_critic_params: Any
-    alpha: TrainState  # params {"alpha": scalar}, the weight alpha itself, kept in [0, alpha_max]
+    alpha: TrainState  # params {"value": scalar}, the weight alpha itself, kept in [0, alpha_max]
     key: jax.Array
 
 
@@ -289,7 +289,7 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
             actor=TrainState.create(apply_fn=actor_def.apply, params=actor_def.init(k_actor, obs), tx=optax.adam(args.actor_lr)),
             critic=TrainState.create(apply_fn=critic_def.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
             target_critic_params=critic_params,
-            alpha=TrainState.create(apply_fn=None, params={"alpha": jnp.asarray(args.alpha)}, tx=optax.adam(args.alpha_lr)),
+            alpha=TrainState.create(apply_fn=None, params={"value": jnp.asarray(args.alpha)}, tx=optax.adam(args.alpha_lr)),
             key=key,
         )
 
@@ -320,7 +320,7 @@ def make_update(args: Args) -> Callable:
     def brac_step(state: BRACState, b: dict[str, jax.Array], step: jax.Array) -> tuple[BRACState, dict]:
         key, k_next, k_next_div, k_pi, k_div = jax.random.split(state.key, 5)
         obs, next_obs = b["observations"], b["next_observations"]
-        alpha = state.alpha.params["alpha"]
+        alpha = state.alpha.params["value"]
         behaviour = lambda o: state.behaviour.apply_fn(state.behaviour.params, o)  # frozen pi_b
 
         # Critic: Eq. (3), the divergence penalty in the target (BRAC-v) or not (BRAC-p); a' ~ pi(s'), as the reference.
@@ -357,7 +357,7 @@ def make_update(args: Args) -> Callable:
         # alpha: dual gradient toward the target divergence (--train-alpha), projected onto [0, alpha_max].
         new_alpha = state.alpha
         if args.train_alpha:
-            grad = jax.grad(lambda p: alpha_loss(p["alpha"], div, args.target_divergence))(state.alpha.params)
+            grad = jax.grad(lambda p: alpha_loss(p["value"], div, args.target_divergence))(state.alpha.params)
             new_alpha = state.alpha.apply_gradients(grads=grad)
             new_alpha = new_alpha.replace(params=jax.tree.map(lambda x: jnp.clip(x, 0.0, args.alpha_max), new_alpha.params))
 

@@ -100,6 +100,6 @@ def test_train_alpha_takes_a_projected_dual_step(brac):
     state = brac.make_init(args, 3, 2)(jnp.asarray(0))
     s1, m1 = jax.jit(brac.make_update(args))(state, data, jnp.asarray(0))
     # the KL is far below the target, so the dual step lowers alpha (Adam's first step: lr), clipped at 0
-    assert float(s1.alpha.params["alpha"]) == pytest.approx(0.0) and float(m1["alpha"]) == pytest.approx(0.1)
+    assert float(s1.alpha.params["value"]) == pytest.approx(0.0) and float(m1["alpha"]) == pytest.approx(0.1)
     s2, _ = jax.jit(brac.make_update(brac.Args(**{**vars(args), "target_divergence": -1e6})))(state, data, jnp.asarray(0))
-    assert float(s2.alpha.params["alpha"]) == pytest.approx(0.3)  # raised by lr 0.5 from 0.1, clipped at alpha_max
+    assert float(s2.alpha.params["value"]) == pytest.approx(0.3)  # raised by lr 0.5 from 0.1, clipped at alpha_max

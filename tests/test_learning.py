@@ -2,7 +2,7 @@
 
 The dataset is 30 episodes of uniformly random actions plus 12 episodes of a noisy hand-written swing-up
 controller (conftest.pendulum_expert). BC regresses onto the average of both and stays near the random
-policy (about -1100); IQL, CQL, TD3+BC and BRAC can pick out the good actions with their critics. Small networks
+policy (about -1100); IQL, CQL, TD3+BC, BRAC and BEAR can pick out the good actions with their critics. Small networks
 and short runs keep the whole test at a few CPU minutes.
 """
 
@@ -35,6 +35,9 @@ RUNS = {
     # updates); the paper's fixed alpha = 0.1 and value penalty. About 30 s.
     "brac": ["--num-updates", "12000", "--eval-interval", "12000", "--bc-updates", "3000", "--warm-start", "500",
              "--actor-hidden-dim", "64"],
+    # BEAR: the D4RL settings (Laplacian kernel, sigma 20, epsilon 0.05) with a 1k-update warm start (reference: 40k)
+    # and a small VAE. About 1.5 minutes (100 policy samples per evaluation step).
+    "bear": ["--num-updates", "10000", "--eval-interval", "10000", "--warm-start", "1000", "--vae-hidden-dim", "64"],
 }
 
 
@@ -49,5 +52,5 @@ def test_offline_rl_beats_bc_on_mixed_pendulum(tmp_path: Path) -> None:
         returns[algo] = result["last_return"]
         print(f"{algo}: last {result['last_return']:.1f} best {result['best_return']:.1f} "
               f"per seed {[round(s['last_return']) for s in result['per_seed']]} ({result['wall_time_s']:.0f}s)")
-    for algo in ("iql", "td3bc", "cql", "brac"):
+    for algo in ("iql", "td3bc", "cql", "brac", "bear"):
         assert returns[algo] > returns["bc"] + MARGIN, f"{algo} does not beat BC clearly: {returns}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import ALGORITHMS, RESULT_KEYS, run_script
+from conftest import ALGORITHMS, RESULT_KEYS, load_script, run_script
 
 SMALL = ["--eval-env", "Pendulum-v1", "--num-seeds", "2", "--eval-episodes", "2", "--hidden-dim", "32",
          "--batch-size", "64"]
@@ -50,6 +51,12 @@ def test_train_nan_guard_resume_and_evaluate(algo: str, tiny_dataset: Path, tmp_
     result = json.loads((tmp_path / "run3" / "result.json").read_text())
     assert result["num_updates"] == 300 and [e["update"] for e in result["eval_history"]] == [300]
     assert result["updates_per_s"] is None
+
+    # 4) the checkpoint as a policy in the user's own code: one state or a batch, env units, the same action twice
+    act = load_script(algo).load_policy(str(ckpt), seed=1)
+    one, batch = act(np.zeros(3)), act(np.ones((4, 3)))
+    assert one.shape == (1,) and batch.shape == (4, 1) and np.all(np.abs(batch) <= 2.0)  # Pendulum's bound
+    np.testing.assert_array_equal(act(np.ones((4, 3))), batch)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
