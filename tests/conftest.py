@@ -31,6 +31,16 @@ def write_d4rl(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, str] 
     return path
 
 
+def random_transitions(n: int = 32, obs_dim: int = 3, act_dim: int = 2, max_action: float = 1.0, seed: int = 0) -> dict:
+    """n random transitions as float32 device arrays, for unit tests of one update (no terminals)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    data = {"observations": rng.normal(size=(n, obs_dim)), "actions": rng.uniform(-max_action, max_action, size=(n, act_dim)),
+            "rewards": rng.normal(size=n), "next_observations": rng.normal(size=(n, obs_dim)), "terminals": np.zeros(n)}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+
+
 def load_script(name: str):
     """Import algorithms/<name>.py as a module (for unit tests of its functions)."""
     spec = importlib.util.spec_from_file_location(f"algo_{name}", ROOT / "algorithms" / f"{name}.py")

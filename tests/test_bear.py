@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import load_script, random_transitions
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,7 @@ def test_kernel_auto_follows_the_reference_settings(bear):
 
 def test_one_update_moves_every_part_and_the_warm_start_ignores_q(bear):
     args = bear.Args(hidden_dim=8, vae_hidden_dim=8, batch_size=8, warm_start=1, num_target_samples=3, kernel="laplacian")
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(32, 3)), "actions": rng.uniform(-0.9, 0.9, size=(32, 2)),
-            "rewards": rng.normal(size=32), "next_observations": rng.normal(size=(32, 3)), "terminals": np.zeros(32)}
-    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    data = random_transitions(max_action=0.9)
     state = bear.make_init(args, 3, 2)(jnp.asarray(0))
     update = jax.jit(bear.make_update(args))
     s1, m1 = update(state, data, jnp.asarray(0))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import load_script, random_transitions
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,7 @@ def test_schedule_defaults_and_errors(brac):
 def test_behaviour_policy_is_fitted_first_then_frozen(brac):
     """Phase 1 moves pi_b only; phase 2 moves the critics and the policy and leaves pi_b as it was."""
     args = brac.Args(num_updates=4, bc_updates=2, warm_start=1, hidden_dim=8, actor_hidden_dim=8, batch_size=8)
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(32, 3)), "actions": rng.uniform(-1, 1, size=(32, 2)),
-            "rewards": rng.normal(size=32), "next_observations": rng.normal(size=(32, 3)), "terminals": np.zeros(32)}
-    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    data = random_transitions()
     state = brac.make_init(args, 3, 2)(jnp.asarray(0))
     update = jax.jit(brac.make_update(args))
     leaves = lambda tree: jax.tree.leaves(tree)
@@ -93,10 +90,7 @@ def test_train_alpha_takes_a_projected_dual_step(brac):
     """With --train-alpha a BRAC step moves alpha in the direction of (KL - target) and projects it onto [0, alpha_max]."""
     args = brac.Args(num_updates=2, bc_updates=0, warm_start=0, hidden_dim=8, actor_hidden_dim=8, batch_size=8,
                      train_alpha=True, target_divergence=1e6, alpha_lr=0.5, alpha_max=0.3)
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(32, 3)), "actions": rng.uniform(-1, 1, size=(32, 2)),
-            "rewards": rng.normal(size=32), "next_observations": rng.normal(size=(32, 3)), "terminals": np.zeros(32)}
-    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    data = random_transitions()
     state = brac.make_init(args, 3, 2)(jnp.asarray(0))
     s1, m1 = jax.jit(brac.make_update(args))(state, data, jnp.asarray(0))
     # the KL is far below the target, so the dual step lowers alpha (Adam's first step: lr), clipped at 0

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import load_script, random_transitions
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,7 @@ def test_clipped_double_q_target_and_cql_penalty(cemq):
 @pytest.mark.parametrize("cql_alpha", [0.0, 5.0])
 def test_one_update_moves_the_critic_and_reports_the_cem_gap(cemq, cql_alpha):
     args = cemq.Args(hidden_dim=8, batch_size=8, cem_samples=8, cem_elites=2, cql_alpha=cql_alpha)
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(32, 3)), "actions": rng.uniform(-1, 1, size=(32, 2)),
-            "rewards": rng.normal(size=32), "next_observations": rng.normal(size=(32, 3)), "terminals": np.zeros(32)}
-    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    data = random_transitions()
     state = cemq.make_init(args, 3, 2)(jnp.asarray(0))
     s1, m = jax.jit(cemq.make_update(args))(state, data, jnp.asarray(0))
     changed = [not bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(s1.critic.params),
