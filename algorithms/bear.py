@@ -332,11 +332,11 @@ def make_update(args: Args) -> Callable:
         idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
         b = jax.tree.map(lambda x: x[idx], data)
         obs, next_obs = b["observations"], b["next_observations"]
-        vae_def = state.vae.apply_fn
+        vae_apply = state.vae.apply_fn
 
         # Behaviour model: the conditional VAE, by its ELBO.
         def vae_loss_fn(params):
-            recon, mean, std = vae_def(params, k_vae, obs, b["actions"])
+            recon, mean, std = vae_apply(params, k_vae, obs, b["actions"])
             return vae_loss(recon, b["actions"], mean, std)
 
         loss_vae, grads = jax.value_and_grad(vae_loss_fn)(state.vae.params)
@@ -360,7 +360,7 @@ def make_update(args: Args) -> Callable:
 
         # Actor: MMD on pre-tanh actions between n policy samples and n VAE samples; Q of the first sample.
         alpha = jnp.exp(state.log_alpha.params["value"])
-        raw_beta = jax.lax.stop_gradient(vae_def(vae.params, k_beta, obs, n, method=VAE.sample_raw))  # [batch, n, act]
+        raw_beta = jax.lax.stop_gradient(vae_apply(vae.params, k_beta, obs, n, method=VAE.sample_raw))  # [batch, n, act]
         use_q = (step >= args.warm_start).astype(jnp.float32)
 
         def actor_loss_fn(params):

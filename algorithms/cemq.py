@@ -14,7 +14,8 @@ QT-Opt is the CS285 lecture's large-scale real-robot example of Q-learning, and 
 policy network: the policy is argmax_a Q(s, a), found by the cross-entropy method (CEM), and the TD target uses the same
 maximization at s'. Offline, that max is exactly where out-of-distribution overestimation enters: CEM searches the whole
 action box for the highest Q, so it finds the actions the data never shows, whose Q nothing has corrected. The metric
-`q_cem - q_data` (Q at the CEM maximizer minus Q at the data's actions) shows it growing in a plain run; `--cql-alpha`
+`q_cem - q_data` (the target's Q at the CEM maximizer of s', which the backup uses, minus Q at the data's (s, a);
+both batch means over the same state distribution) shows it growing in a plain run; `--cql-alpha`
 adds CQL's push-down of Q on actions off the data, which holds it back.
 
 The whole training loop runs on the device: every jitted call performs a few seconds of updates in one
@@ -225,7 +226,7 @@ def make_update(args: Args) -> Callable:
     nan_at = common.debug_nan_at()
 
     def update(state: CEMQState, data: dict[str, jax.Array], step: jax.Array) -> tuple[CEMQState, dict]:
-        key, k_idx, k_next, k_cem, k_rand = jax.random.split(state.key, 5)
+        key, k_idx, k_next, k_rand = jax.random.split(state.key, 4)
         idx = jax.random.randint(k_idx, (args.batch_size,), 0, data["observations"].shape[0])
         b = jax.tree.map(lambda x: x[idx], data)
         obs, next_obs, act = b["observations"], b["next_observations"], b["actions"]
@@ -236,11 +237,9 @@ def make_update(args: Args) -> Callable:
             args.cem_iterations, args.cem_samples, args.cem_elites)
 
         # TD target: the CEM maximizer of the lagging target's first head at s', scored by both lagging heads.
-        next_a, _ = cem(k_next, state.target_critic_params, next_obs)
+        next_a, q_cem = cem(k_next, state.target_critic_params, next_obs)  # q_cem: head 1 at the maximizer, [batch]
         next_q = critic_apply(state.target_critic_params, next_obs, next_a)
         target = jax.lax.stop_gradient(critic_target(b["rewards"], b["terminals"], next_q, args.discount))
-        # Diagnostic: Q at the CEM maximizer of the current critic at s, against Q at the data's action.
-        _, q_cem = cem(k_cem, state.critic.params, obs)
         rand_a = jax.random.uniform(k_rand, (batch, args.cql_num_actions, act_dim), minval=-1.0, maxval=1.0)
 
         def critic_loss_fn(params):
@@ -260,7 +259,7 @@ def make_update(args: Args) -> Callable:
         new_state = state.replace(critic=critic, key=key,
                                   target_critic_params=optax.incremental_update(critic.params, state.target_critic_params, args.tau))
         metrics = {"critic_loss": loss, "td_loss": td_loss, "cql_gap": penalty.mean(), "q_data": q_data.mean(),
-                   "q_cem": q_cem.mean(), "q_cem_minus_data": (q_cem - q_data[0]).mean()}
+                   "q_cem": q_cem.mean(), "q_cem_minus_data": q_cem.mean() - q_data[0].mean()}  # s' and s: one distribution
         return new_state, metrics
 
     return update

@@ -125,7 +125,7 @@ def run_chain(args: Args) -> list[dict]:
     P, R = chain_mdp(n)
     s = rng.integers(0, n, args.chain_samples)
     a = rng.integers(0, 2, args.chain_samples)
-    s_next = np.array([rng.choice(n, p=P[i, j]) for i, j in zip(s, a, strict=True)])
+    s_next = (P[s, a].cumsum(-1) > rng.random(len(s))[:, None]).argmax(-1)  # one draw from P(.|s, a) per row
     one_hot = lambda s_, a_: np.eye(2 * n)[2 * s_ + a_]  # noqa: E731 - tabular features
     optimal = optimal_values(P, R, args.chain_discount)
     policy, history = np.zeros(n, int), []
