@@ -14,8 +14,8 @@ QT-Opt is the CS285 lecture's large-scale real-robot example of Q-learning, and 
 policy network: the policy is argmax_a Q(s, a), found by the cross-entropy method (CEM), and the TD target uses the same
 maximization at s'. Offline, that max is exactly where out-of-distribution overestimation enters: CEM searches the whole
 action box for the highest Q, so it finds the actions the data never shows, whose Q nothing has corrected. The metric
-`q_cem - q_data` (the target's Q at the CEM maximizer of s', which the backup uses, minus Q at the data's (s, a);
-both batch means over the same state distribution) shows it growing in a plain run; `--cql-alpha`
+`q_cem - q_data` (the lagging target's first head at the CEM maximizer of s', which the backup uses, minus the same
+head at the data's (s, a); batch means over one state distribution) shows it growing in a plain run; `--cql-alpha`
 adds CQL's push-down of Q on actions off the data, which holds it back.
 
 The whole training loop runs on the device: every jitted call performs a few seconds of updates in one
@@ -239,6 +239,7 @@ def make_update(args: Args) -> Callable:
         # TD target: the CEM maximizer of the lagging target's first head at s', scored by both lagging heads.
         next_a, q_cem = cem(k_next, state.target_critic_params, next_obs)  # q_cem: head 1 at the maximizer, [batch]
         next_q = critic_apply(state.target_critic_params, next_obs, next_a)
+        q_target_data = critic_apply(state.target_critic_params, obs, act)[0]  # the same head at the data, for the gap
         target = jax.lax.stop_gradient(critic_target(b["rewards"], b["terminals"], next_q, args.discount))
         rand_a = jax.random.uniform(k_rand, (batch, args.cql_num_actions, act_dim), minval=-1.0, maxval=1.0)
 
@@ -259,7 +260,7 @@ def make_update(args: Args) -> Callable:
         new_state = state.replace(critic=critic, key=key,
                                   target_critic_params=optax.incremental_update(critic.params, state.target_critic_params, args.tau))
         metrics = {"critic_loss": loss, "td_loss": td_loss, "cql_gap": penalty.mean(), "q_data": q_data.mean(),
-                   "q_cem": q_cem.mean(), "q_cem_minus_data": q_cem.mean() - q_data[0].mean()}  # s' and s: one distribution
+                   "q_cem": q_cem.mean(), "q_cem_minus_data": q_cem.mean() - q_target_data.mean()}
         return new_state, metrics
 
     return update
