@@ -265,13 +265,17 @@ def make_eval_env(info: dict, num_envs: int, seed: int = 0) -> gym.vector.SyncVe
     return env
 
 
-def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarray], seed: int | None = None) -> np.ndarray:
-    """Run one episode in every sub-env with act_fn(obs) -> env actions; return the undiscounted returns [num_envs]."""
+def evaluate(env: gym.vector.VectorEnv, act_fn: Callable[[np.ndarray], np.ndarray], seed: int | None = None,
+             observe: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Run one episode in every sub-env with act_fn(obs) -> env actions; return the undiscounted returns [num_envs].
+    observe(rewards [num_envs]) is told each step's rewards (a sequence model's policy keeps its own history)."""
     obs, _ = env.reset(seed=seed)
     returns, done = np.zeros(env.num_envs), np.zeros(env.num_envs, bool)
     while not done.all():
         action = np.asarray(act_fn(obs.astype(np.float32)))  # in env units (Prep.to_env clips once)
         obs, r, term, trunc, _ = env.step(action)
+        if observe is not None:
+            observe(r)
         returns += np.where(done, 0.0, r)
         done |= term | trunc
     return returns
@@ -530,10 +534,13 @@ class Run:
         return (states, *outputs)
 
     def evaluate(self, policy: Callable, params) -> None:
-        """Each seed's deterministic policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1], E episodes each."""
+        """Each seed's deterministic policy(params, obs [S, E, obs]) -> [S, E, act] in [-1, 1], E episodes each. A policy
+        with a history (dt.py, tt.py) also has reset(), called first, and observe(rewards [S * E]), after every env step."""
         t0, s = time.perf_counter(), len(self.seeds)
+        if hasattr(policy, "reset"):
+            policy.reset()
         ret = evaluate(self.env, lambda o: self.prep.to_env(np.asarray(policy(params, jnp.asarray(o).reshape(s, -1, o.shape[-1])))
-                                                            .reshape(len(o), -1))).reshape(s, -1)
+                                                            .reshape(len(o), -1)), observe=getattr(policy, "observe", None)).reshape(s, -1)
         norm = normalized_score(self.info, ret)
         ret, norm = ret.mean(1), None if norm is None else np.asarray(norm).mean(1)
         self.history.append({"update": self.step, "returns": ret.tolist(), "normalized": None if norm is None else norm.tolist()})
@@ -582,7 +589,8 @@ class Run:
         """Atomic write: train state, update count and what resuming and load_policy need (config, Prep, data, folder)."""
         meta = {"algorithm": self.algorithm, "config": dataclasses.asdict(self.args), "schedule_updates": self.schedule_args.num_updates,
                 "prep": {k: v.tolist() for k, v in vars(self.prep).items()}, "log_dir": str(self.log_dir), "seeds": self.seeds,
-                "dataset": {k: self.info.get(k) for k in ("dataset", "task", *RESULT_KEYS[2:6])}, "history": self.history}
+                "dataset": {k: self.info.get(k) for k in ("dataset", "task", *RESULT_KEYS[2:6])}, "history": self.history,
+                "hyperparameters": self.hp}
         blob = {"state": flax.serialization.to_state_dict(states), "step": self.step, "meta": json.dumps(meta)}
         Path(f"{self.save_path}.tmp").write_bytes(flax.serialization.msgpack_serialize(blob))
         if self.args.keep_checkpoints and self.history and self.history[-1]["update"] == self.step:  # an evaluated update
