@@ -322,41 +322,38 @@ class SeedsPolicy:
         self.hist = self._observe(self.hist, jnp.asarray(rewards, jnp.float32).reshape(self.hist["t"].shape))
 
 
-class HistoryPolicy:
+class UserPolicy:
     """act(obs) -> env action for obs [obs_dim] or [batch, obs_dim] (one episode per row); act.observe(reward) after each
     env step; act.reset() at a new episode (a new batch size also starts afresh)."""
 
-    def __init__(self, model_def: DecisionTransformer, args: Args, prep: common.Prep, params, target: float):
-        self.args, self.prep, self.params, self.target, self.hist, self.single = args, prep, params, target, None, False
-        act_step = make_act_step(model_def, args)
-        self._act = jax.jit(lambda h, o: act_step(params, h, (o - prep.obs_mean) / prep.obs_std))
-        self._observe = jax.jit(lambda h, r: observe_reward(args, h, r))
+    def __init__(self, policy: SeedsPolicy, params):
+        self.policy, self.params, self.batch = policy, params, None
 
     def reset(self) -> None:
-        self.hist = None
+        self.policy.reset()
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, np.float32)
-        self.single = obs.ndim == 1
-        obs = obs.reshape(-1, self.prep.obs_dim)
-        if self.hist is None or self.hist["t"].shape[0] != len(obs):
-            self.hist = new_history(self.args, len(obs), self.prep.obs_dim, self.prep.act_dim, self.target)
-        self.hist, action = self._act(self.hist, jnp.asarray(obs))
-        action = self.prep.to_env(np.asarray(action))
-        return action[0] if self.single else action
+        rows = obs.reshape(1, -1, self.policy.prep.obs_dim)
+        if rows.shape[1] != self.batch:
+            self.policy.reset()
+            self.batch = rows.shape[1]
+        action = self.policy.prep.to_env(np.asarray(self.policy(self.params, jnp.asarray(rows)))[0])
+        return action[0] if obs.ndim == 1 else action
 
     def observe(self, reward) -> None:
-        self.hist = self._observe(self.hist, jnp.asarray(reward, jnp.float32).reshape(self.hist["t"].shape))
+        self.policy.observe(np.reshape(reward, (1, -1)))
 
 
-def load_policy(path: str, seed: int = 0, target: float | None = None) -> HistoryPolicy:
+def load_policy(path: str, seed: int = 0, target: float | None = None) -> UserPolicy:
     """The policy of a checkpoint of this file (seed: which of its --num-seeds runs; target: the first return-to-go,
     default the one it was evaluated with). Call act(obs), then act.observe(reward); act.reset() at a new episode."""
     ckpt = common.read_checkpoint(path, ALGORITHM)
     args, prep = Args(**ckpt["meta"]["config"]), common.Prep(**ckpt["meta"]["prep"])
     model_def = make_networks(args, prep.act_dim)[0]
-    params = jax.tree.map(lambda x: x[seed], ckpt["state"]["model"]["params"])
-    return HistoryPolicy(model_def, args, prep, params, ckpt["meta"]["hyperparameters"]["target_return"] if target is None else target)
+    params = jax.tree.map(lambda x: jnp.asarray(x[seed:seed + 1]), ckpt["state"]["model"]["params"])
+    target = ckpt["meta"]["hyperparameters"]["target_return"] if target is None else target
+    return UserPolicy(SeedsPolicy(model_def, args, prep, target), params)
 
 
 # ---- Main ----

@@ -146,8 +146,8 @@ def resolve_plan(args: Args, info: dict) -> Args:
     """Args with the planning preset of the dataset (PLAN_PRESETS, else PLAN_BASE) where no flag set them."""
     preset = {**PLAN_BASE, **PLAN_PRESETS.get(info.get("task") or "", {})}
     args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.plan_freq > args.horizon or args.max_context_transitions > args.seq_len - 2 or args.max_context_transitions < 1:
-        raise common.RunError("need --plan-freq <= --horizon and 1 <= --max-context-transitions <= --seq-len - 2")
+    if args.plan_freq > args.horizon or not 2 <= args.max_context_transitions <= args.seq_len - 2:
+        raise common.RunError("need --plan-freq <= --horizon and 2 <= --max-context-transitions <= --seq-len - 2")
     return args
 
 

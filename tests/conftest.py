@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-ALGORITHMS = ["bc", "td3bc", "iql", "cql", "awac", "calql", "awr", "brac", "bear", "cemq"]
+ALGORITHMS = ["bc", "td3bc", "iql", "cql", "awac", "calql", "awr", "brac", "bear", "cemq", "dt", "tt"]
 RESULT_KEYS = set(common.RESULT_KEYS)  # the keys every script writes into result.json
 
 

@@ -11,6 +11,8 @@ from conftest import ALGORITHMS, RESULT_KEYS, load_script, run_script
 
 SMALL = ["--eval-env", "Pendulum-v1", "--num-seeds", "2", "--eval-episodes", "2", "--hidden-dim", "32",
          "--batch-size", "64"]
+# the sequence models' own small settings: a short context, and a small beam search (planning is tt's evaluation)
+SMALL_MORE = {"dt": ["--seq-len", "5"], "tt": ["--seq-len", "7", "--num-layers", "2", "--horizon", "3", "--beam-width", "8"]}
 
 
 def check_ok(proc) -> None:
@@ -21,7 +23,7 @@ def check_ok(proc) -> None:
 def test_train_nan_guard_resume_and_evaluate(algo: str, tiny_dataset: Path, tmp_path: Path) -> None:
     run1, ckpt = tmp_path / "run1", tmp_path / "ckpt.msgpack"
     # 1) train 200 updates, 2 vmapped seeds, evaluating every 100
-    proc = run_script(algo, "--dataset", tiny_dataset, *SMALL, "--num-updates", "200", "--eval-interval", "100",
+    proc = run_script(algo, "--dataset", tiny_dataset, *SMALL, *SMALL_MORE.get(algo, []), "--num-updates", "200", "--eval-interval", "100",
                       "--log-dir", run1, "--save-path", ckpt)
     check_ok(proc)
     result = json.loads((run1 / "result.json").read_text())
@@ -56,6 +58,10 @@ def test_train_nan_guard_resume_and_evaluate(algo: str, tiny_dataset: Path, tmp_
     act = load_script(algo).load_policy(str(ckpt), seed=1)
     one, batch = act(np.zeros(3)), act(np.ones((4, 3)))
     assert one.shape == (1,) and batch.shape == (4, 1) and np.all(np.abs(batch) <= 2.0)  # Pendulum's bound
+    if hasattr(act, "reset"):  # a policy with a history (dt, tt): told the reward, then started afresh
+        act.observe(np.ones(4))
+        act(np.ones((4, 3)))
+        act.reset()
     np.testing.assert_array_equal(act(np.ones((4, 3))), batch)
 
 
