@@ -241,14 +241,14 @@ class SelfAttention(nn.Module):
         self.attn_drop, self.resid_drop = nn.Dropout(self.dropout), nn.Dropout(self.dropout)
 
     def heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[B, T, C] -> q, k, v [B, T, heads, C / heads]."""
-        return tuple(y.reshape(*y.shape[:-1], self.num_heads, -1) for y in jnp.split(self.qkv(x), 3, axis=-1))
+        """[B, T, C] -> q, k, v [B, heads, T, C / heads] (head-major: a cache in this layout is read without a transpose)."""
+        return tuple(y.reshape(*y.shape[:-1], self.num_heads, -1).swapaxes(1, 2) for y in jnp.split(self.qkv(x), 3, axis=-1))
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
         """softmax(q k^T / sqrt(d)) v over the unmasked keys, then the output projection; mask [Tq, Tk]."""
-        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+        att = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
         att = self.attn_drop(jax.nn.softmax(jnp.where(mask, att, NEG), axis=-1), deterministic=not train)
-        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(*q.shape[:2], -1)
+        y = jnp.einsum("bhqk,bhkd->bqhd", att, v).reshape(q.shape[0], q.shape[2], -1)
         return self.resid_drop(self.proj(y), deterministic=not train)
 
 
@@ -274,10 +274,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x), train), k, v
 
     def step(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array, mask: jax.Array):
-        """x [B, 1, C] at window position pos; caches [B, W, heads, d] get its key and value at pos."""
+        """x [B, 1, C] at window position pos; caches [B, heads, W, d] get its key and value at pos."""
         q, k, v = self.attn.heads(self.ln1(x))
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=1)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
         x = x + self.attn.attend(q, k_cache, v_cache, mask, False)
         return x + self.mlp(self.ln2(x), False), k_cache, v_cache
 
@@ -308,9 +308,9 @@ class GPT(nn.Module):
     def logits(self, x: jax.Array, pos: jax.Array) -> jax.Array:
         return jnp.einsum("btc,tcv->btv", self.ln_f(x), self.head[pos % self.tdim])
 
-    def __call__(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, train: bool = False) -> tuple[jax.Array, tuple, tuple]:
         """tokens [B, T] from window position 0 -> logits [B, T, num_bins + 1] and each layer's keys and values
-        [layers, B, T, heads, d] (what a KV cache holds)."""
+        [B, heads, T, d] (what a KV cache holds: one array per layer, so a step updates them in place)."""
         pos = jnp.arange(tokens.shape[1])
         x = self.drop(self.embed(tokens, pos), deterministic=not train)
         mask, ks, vs = attention_mask(pos, pos, self.tdim), [], []
@@ -318,19 +318,19 @@ class GPT(nn.Module):
             x, k, v = block(x, mask, train)
             ks.append(k)
             vs.append(v)
-        return self.logits(x, pos), jnp.stack(ks), jnp.stack(vs)
+        return self.logits(x, pos), tuple(ks), tuple(vs)
 
-    def step(self, token: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
-        """One token per sequence, token [B] at window position pos (a scalar), against caches [layers, B, W, heads, d]
+    def step(self, token: jax.Array, pos: jax.Array, k_cache: tuple, v_cache: tuple):
+        """One token per sequence, token [B] at window position pos (a scalar), against per-layer caches [B, heads, W, d]
         holding positions < pos -> logits [B, num_bins + 1] for the token after it, and the caches with pos written."""
         p = jnp.reshape(pos, (1,))
         x = self.embed(token[:, None], p)
-        mask, ks, vs = attention_mask(p, jnp.arange(k_cache.shape[2]), self.tdim), [], []
+        mask, ks, vs = attention_mask(p, jnp.arange(k_cache[0].shape[2]), self.tdim), [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block.step(x, k_cache[i], v_cache[i], pos, mask)
             ks.append(k)
             vs.append(v)
-        return self.logits(x, p)[:, 0], jnp.stack(ks), jnp.stack(vs)
+        return self.logits(x, p)[:, 0], tuple(ks), tuple(vs)
 
 
 # ---- Losses ----
@@ -449,7 +449,6 @@ def make_planner(model_def: GPT, args: Args, obs_dim: int, action_dim: int, cach
     keep, discounts = c_max - 1, args.discount ** jnp.arange(h + 1)
     length = c_max * tdim + h * tdim + block  # context, plan, and room for a block-long window read past the end
     apply = lambda params, tokens: model_def.apply(params, tokens)
-    on_beam = lambda f, s: {k: f(x, 1 if k in ("k", "v") else 0) for k, x in s.items()}  # caches: [layers, beam, ...]
 
     def plan(params, edges: jax.Array, context: jax.Array, c: jax.Array, obs_tokens: jax.Array, key: jax.Array) -> jax.Array:
         chex.assert_shape(context, (c_max * tdim,))
@@ -458,9 +457,9 @@ def make_planner(model_def: GPT, args: Args, obs_dim: int, action_dim: int, cach
         logits, k, v = apply(params, seq[None, :c_max * tdim + d])  # the shared prefix once (causal: the rest is unseen)
         s = {"seq": jnp.repeat(seq[None], beam, 0), "logits": jnp.repeat(logits[:, n - 1], beam, 0),
              "rewards": jnp.zeros((beam, h + 1))}
-        if cached:
-            pad = [(0, 0), (0, 0), (0, block - k.shape[2]), (0, 0), (0, 0)]
-            s["k"], s["v"] = (jnp.repeat(jnp.pad(x, pad), beam, axis=1) for x in (k, v))
+        if cached:  # per-layer caches [beam, heads, block, d]
+            pad = [(0, 0), (0, 0), (0, block - k[0].shape[2]), (0, 0)]
+            s["k"], s["v"] = (tuple(jnp.repeat(jnp.pad(x, pad), beam, axis=0) for x in kv) for kv in (k, v))
 
         def feed(s: dict, token: jax.Array, n: jax.Array, start: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
             """Append token [beam] at n; the logits of the token after it come from the cache (or the recomputed block)."""
@@ -474,7 +473,8 @@ def make_planner(model_def: GPT, args: Args, obs_dim: int, action_dim: int, cach
 
             def refill(_):  # the window restarts: the kept transitions at their new positions
                 lg, k, v = apply(params, jax.lax.dynamic_slice_in_dim(seq, start1 * tdim, keep * tdim, axis=1))
-                return lg[:, -1], s["k"].at[:, :, :keep * tdim].set(k), s["v"].at[:, :, :keep * tdim].set(v)
+                put = lambda caches, new: tuple(c.at[:, :, :keep * tdim].set(x) for c, x in zip(caches, new, strict=True))
+                return lg[:, -1], put(s["k"], k), put(s["v"], v)
 
             def step(_):
                 return model_def.apply(params, token, n - start * tdim, s["k"], s["v"], method=GPT.step)
@@ -499,13 +499,13 @@ def make_planner(model_def: GPT, args: Args, obs_dim: int, action_dim: int, cach
         def transition(carry: tuple, t: jax.Array, key: jax.Array) -> tuple[tuple, jax.Array]:
             """Expand every sequence num_expand times, sample its action, decode reward and value, keep the best beam."""
             s, n, start = carry
-            s = on_beam(lambda x, ax: jnp.repeat(x, args.num_expand, axis=ax), s)
+            s = jax.tree.map(lambda x: jnp.repeat(x, args.num_expand, axis=0), s)
             (s, n, start), _ = tokens((s, n, start), a, "top_p", key)
             (s, n, start), (p_r, p_v) = tokens((s, n, start), 2, "greedy", key)
             rewards = s["rewards"].at[:, t].set(expectation(edges[:, d + a], p_r))
             rewards = rewards.at[:, t + 1].set(expectation(edges[:, d + a + 1], p_v))
             values, best = jax.lax.top_k(rewards @ discounts, beam)  # r_1 + ... + g^t r_t + g^(t+1) V_t
-            return (on_beam(lambda x, ax: jnp.take(x, best, axis=ax), {**s, "rewards": rewards}), n, start), values
+            return (jax.tree.map(lambda x: jnp.take(x, best, axis=0), {**s, "rewards": rewards}), n, start), values
 
         def body(carry, t):  # a whole transition, then the next state (greedy)
             carry, _ = transition(carry, t, jax.random.fold_in(key, t))

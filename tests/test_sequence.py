@@ -95,8 +95,7 @@ def test_kv_cached_steps_equal_the_full_forward() -> None:
     _, model, params = small_gpt()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, model.block_size), 0, 11)  # 10 = the end token
     full = model.apply(params, tokens)[0]
-    shape = (2, 3, model.block_size, 2, 8)  # [layers, batch, block, heads, head dim]
-    k = v = jnp.zeros(shape)
+    k = v = (jnp.zeros((3, 2, model.block_size, 8)),) * 2  # per layer: [batch, heads, block, head dim]
     for pos in range(model.block_size):
         logits, k, v = model.apply(params, tokens[:, pos], jnp.int32(pos), k, v, method=tt.GPT.step)
         np.testing.assert_allclose(logits, full[:, pos], atol=1e-4, rtol=1e-4)
@@ -143,7 +142,7 @@ class ToyModel:
         if method is None:  # full forward: tokens [B, T]
             pos = jnp.arange(tokens.shape[1])
             lg = jax.vmap(lambda tok, p: self.logits(tok, p), in_axes=(1, 0), out_axes=1)(tokens, pos)
-            kv = jnp.zeros((1, tokens.shape[0], tokens.shape[1], 1, 1))
+            kv = (jnp.zeros((tokens.shape[0], 1, tokens.shape[1], 1)),)  # one layer, [B, heads, T, d]
             return lg, kv, kv
         pos, k, v = rest
         return self.logits(tokens, pos), k, v
