@@ -22,7 +22,7 @@ Planning cost is the method's weak point; here each new token reads the keys and
 (one model layer call per token instead of a forward over the whole window), the search is one jitted call per env step,
 and it is vmapped over episodes and seeds. The reference crops the model's input to its last 5 transitions at every
 token, which would invalidate any cache; here the window instead grows until --seq-len - 1 transitions and then restarts
-from the last --max-context-transitions - 1 (plan_window in the source). The model still sees at least the 4 transitions
+from the last --max-context-transitions - 1 (make_planner states the rule). The model still sees at least the 4 transitions
 the reference's crop leaves it. The whole training loop runs on the device as in every file of this project: every
 jitted call performs a few seconds of updates in one `jax.lax.scan`, and `--num-seeds` seeds are one `jax.vmap`.
 """
