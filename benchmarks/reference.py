@@ -5,9 +5,16 @@ our runs are scored (the parity check beside our ablations).
         --dataset hopper-medium-replay --seeds 0 1 2 3 4 --num-updates 30000 --eval-interval 5000
 
 The reference file runs as its authors ship it, with its own per-dataset config; only the budget, the evaluation
-interval, the seed and the device are overridden on its command line. What it imports but cannot have here is
-stood in for by `benchmarks/reference/shim/` (on PYTHONPATH): `gym` (the old API over gymnasium, building our eval
-env), `d4rl` (`qlearning_dataset` with d4rl's semantics, over our HDF5 file) and `wandb` (its logs go to a file).
+interval, the seed and the device are overridden on its command line, plus any flags of --extra (recorded in the
+table's commands), e.g. CORL DT's paper-sized batch on the CPU:
+
+    python benchmarks/reference.py --impl corl-dt --repo ~/src/CORL --label reference-corl-dt-hmr --seeds 0 \
+        --num-updates 1500 --eval-interval 500 \
+        --extra "--batch_size 64 --learning_rate 1e-4 --warmup_steps 150 --eval_episodes 5 --num_workers 0"
+
+What it imports but cannot have here is stood in for by `benchmarks/reference/shim/` (on PYTHONPATH): `gym` (the old
+API over gymnasium, building our eval env), `d4rl` (`qlearning_dataset` with d4rl's semantics, over our HDF5 file) and
+`wandb` (its logs go to a file).
 Each seed lands in benchmarks/runs/<label>/seed<S>/ (wandb.jsonl and reference.log, both git-ignored; result.json, with every evaluation); the table in
 benchmarks/results/<label>/reference.md, with the reference's commit, the commands, hardware and date.
 """
@@ -15,6 +22,7 @@ benchmarks/results/<label>/reference.md, with the reference's commit, the comman
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shlex
@@ -31,10 +39,13 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 # impl -> (script in the reference repo, its per-dataset config, its flags for budget / eval interval / seed / device,
-#          the logged key of the mean evaluation return)
+#          the logged key of the mean evaluation return: a glob, and the first key it matches is the one followed)
 IMPLS = {
     "corl-awac": ("algorithms/offline/awac.py", "configs/offline/awac/{env}/{kind}_v2.yaml",
                   "--num_train_ops {n} --eval_frequency {e} --seed {s} --device cpu", "eval_score"),
+    # DT evaluates every target return of its config; the first (3600 hopper, 5000 walker2d) is dt.py's TARGET_RETURNS
+    "corl-dt": ("algorithms/offline/dt.py", "configs/offline/dt/{env}/{kind}_v2.yaml",
+                "--update_steps {n} --eval_every {e} --train_seed {s} --device cpu", "eval/*_return_mean"),
 }
 
 
@@ -43,12 +54,13 @@ def run_seed(a: argparse.Namespace, seed: int, file: Path, info: dict, cell: Pat
     env, kind = common.parse_name(a.dataset)
     cmd = [sys.executable, str(Path(a.repo) / script), "--config_path",
            str(Path(a.repo) / config.format(env=env, kind=kind.replace("-", "_"))),
-           *flags.format(n=a.num_updates, e=a.eval_interval, s=seed).split()]
+           *flags.format(n=a.num_updates, e=a.eval_interval, s=seed).split(), *shlex.split(a.extra)]
     cell.mkdir(parents=True, exist_ok=True)
     log = cell / "wandb.jsonl"
     log.unlink(missing_ok=True)
     env_vars = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks" / "reference" / "shim"), OFFRL_REF_LOG=str(log),
-                    OFFRL_REF_DATASET=str(file), OFFRL_REF_EVAL_ENV=info["eval_env"], OMP_NUM_THREADS="1")
+                    OFFRL_REF_DATASET=str(file), OFFRL_REF_EVAL_ENV=info["eval_env"], OMP_NUM_THREADS="1",
+                    OFFRL_REF_SCORE_RANGE=f"{info.get('ref_min_score') or 'nan'},{info.get('ref_max_score') or 'nan'}")
     print(shlex.join(["python", *cmd[1:]]), flush=True)
     t0 = time.time()
     with open(cell / "reference.log", "w") as out:
@@ -56,7 +68,8 @@ def run_seed(a: argparse.Namespace, seed: int, file: Path, info: dict, cell: Pat
     if rc != 0:
         raise SystemExit(f"{a.impl} seed {seed} failed (rc {rc}); see {cell / 'reference.log'}")
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    evals = [(r["step"] + 1, r[key]) for r in rows if key in r]
+    followed = next((k for r in rows for k in r if fnmatch.fnmatch(k, key)), key)
+    evals = [(r["step"] + 1, r[followed]) for r in rows if followed in r]
     returns = np.array([r for _, r in evals])
     norm = common.normalized_score(info, returns)
     result = {"impl": a.impl, "seed": seed, "dataset": info["dataset"], "dataset_sha256": info.get("dataset_sha256"),
@@ -75,6 +88,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--num-updates", type=int, default=30_000)
     p.add_argument("--eval-interval", type=int, default=5_000)
+    p.add_argument("--extra", default="", help="more flags for the reference script (e.g. a CPU-sized batch), recorded")
     p.add_argument("--runs-dir", default=str(ROOT / "benchmarks" / "runs"))
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
@@ -102,6 +116,7 @@ def main() -> None:
              "(shims for gym, d4rl and wandb: benchmarks/reference/shim/).",
              f"- {a.num_updates} updates, seeds {' '.join(map(str, a.seeds))}, the reference's own evaluation "
              f"(its episode count and test seed) every {a.eval_interval}; {label} score.",
+             *([f"- Flags changed from its config besides the budget, seed and device: `{a.extra}`."] if a.extra else []),
              f"- Data: {info['source']} (sha256 {str(info.get('dataset_sha256'))[:12]}); hardware: {hardware()}; "
              f"date {time.strftime('%Y-%m-%d', time.gmtime())}.",
              f"- Command: `python benchmarks/reference.py {shlex.join(sys.argv[1:])}`", "",

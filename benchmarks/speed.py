@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--label", required=True, help="e.g. cpu or h100")
     p.add_argument("--algos", nargs="+", default=["bc", "td3bc", "iql", "cql", "awac"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 4, 16])
-    p.add_argument("--seed-updates", type=int, default=20_000, help="updates x seeds per measurement (at least 500 updates)")
+    p.add_argument("--seed-updates", type=int, default=20_000, help="updates x seeds per measurement (at least --min-updates)")
+    p.add_argument("--min-updates", type=int, default=500, help="fewest updates per measurement (lower it for slow models, e.g. tt)")
     p.add_argument("--extra", default="", help="extra flags for every script")
     p.add_argument("--note", default="", help="conditions of the measurement, printed in the table (e.g. pinned cores, other load)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where speed_<label>.md/.json go")
@@ -104,7 +105,7 @@ def main() -> None:
         for algo in a.algos:
             for s in a.seeds:
                 extra = a.extra.split() + (["--model-load", str(model)] if algo in MODEL_BASED else [])
-                row = measure(algo, s, max(500, a.seed_updates // s), data, Path(tmp), extra)
+                row = measure(algo, s, max(a.min_updates, a.seed_updates // s), data, Path(tmp), extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     hw = hardware()
@@ -112,8 +113,8 @@ def main() -> None:
     (out_dir / f"speed_{a.label}.json").write_text(json.dumps({"hardware": hw, "date": date, "rows": rows}, indent=2))
     lines = [f"# Speed: {a.label}", "", f"- Hardware: {hw}", f"- Date: {date}",
              f"- Command: `python benchmarks/speed.py {shlex.join(sys.argv[1:])}`",
-             "- Each script's default batch size and networks (batch 256; 2x256 hidden layers, CQL 3x256); synthetic "
-             "Hopper-shaped data (100k transitions).",
+             "- Each script's default batch size and networks (its `Args`: most use batch 256 and 2x256 hidden layers; "
+             "dt and tt are Transformers, batch 64 and 256); synthetic Hopper-shaped data (100k transitions).",
              "- updates/s counts training only (no evaluation, no compilation); 1M-update times are extrapolated from it.",
              *([f"- MOPO/COMBO: the agent phase only (model rollouts included), with a dynamics ensemble loaded by "
                 f"`--model-load`; training that ensemble took {model_epoch_s:.0f} s per epoch on these 100k transitions "

@@ -137,7 +137,7 @@ def test_gpu_round_dry_run(tmp_path, tiny_dataset):
 
 def test_reference_shims(tmp_path):
     """benchmarks/reference/shim: d4rl.qlearning_dataset drops a timed-out episode's last step (d4rl's semantics),
-    the old gym API steps our eval env, and wandb.log lines land in the log file."""
+    the old gym API steps our eval env (rewards transformed, scores normalized), and wandb.log lines land in the log file."""
     obs = np.arange(12, dtype=np.float32).reshape(6, 2)
     term = np.array([0, 1, 0, 0, 0, 0], bool)
     tout = np.array([0, 0, 0, 1, 0, 0], bool)  # episodes: rows 0-1 (terminal), 2-3 (timeout), 4-5 (cut at the end)
@@ -155,11 +155,15 @@ env.seed(3); o1 = env.reset()
 assert o1.shape == (11,) and not o1.any()
 obs, r, done, info = env.step(np.zeros(3))
 assert isinstance(r, float) and isinstance(done, bool)
+scaled = gym.wrappers.TransformReward(gym.make("hopper-medium-replay-v2"), lambda r: 1000 * r)
+scaled.seed(3); scaled.reset()
+assert scaled.step(np.zeros(3))[1] == 1000 * r  # the same start, the same action: the reward, scaled
+assert scaled.get_normalized_score(np.array([5.0])).tolist() == [0.5]  # d4rl's (R - min) / (max - min)
 wandb.init(config={"a": 1}); wandb.log({"eval_score": np.float32(2.5)}, step=9)
 print(open(os.environ["OFFRL_REF_LOG"]).read())
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "reference" / "shim"), "OFFRL_REF_DATASET": str(f),
-           "OFFRL_REF_EVAL_ENV": "Hopper-v4", "OFFRL_REF_LOG": str(tmp_path / "log.jsonl")}
+           "OFFRL_REF_EVAL_ENV": "Hopper-v4", "OFFRL_REF_LOG": str(tmp_path / "log.jsonl"), "OFFRL_REF_SCORE_RANGE": "0,10"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[1]) == {"step": 9, "eval_score": 2.5}

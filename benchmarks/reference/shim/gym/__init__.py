@@ -2,7 +2,8 @@
 reference implementations (CORL) run unmodified on this project's data and eval envs. Only for benchmarks/reference.
 
 `make(name)` ignores the D4RL name and builds $OFFRL_REF_EVAL_ENV (e.g. Hopper-v4); `get_dataset()` reads the D4RL-layout
-HDF5 file $OFFRL_REF_DATASET, as d4rl's env.get_dataset() does.
+HDF5 file $OFFRL_REF_DATASET, as d4rl's env.get_dataset() does; `get_normalized_score(R)` is d4rl's
+(R - min) / (max - min) with the reference returns $OFFRL_REF_SCORE_RANGE ("min,max"; NaN without them).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class Env:
         with h5py.File(os.environ["OFFRL_REF_DATASET"], "r") as f:
             return {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
                                           "next_observations") if k in f}
+
+    def get_normalized_score(self, returns):
+        lo, hi = (float(x) for x in os.environ.get("OFFRL_REF_SCORE_RANGE", "nan,nan").split(","))
+        return (np.asarray(returns, np.float64) - lo) / (hi - lo)
 
     @property
     def unwrapped(self):

@@ -1,4 +1,4 @@
-"""gym.wrappers stand-ins used by reference implementations: Wrapper and TransformObservation (old API)."""
+"""gym.wrappers stand-ins used by reference implementations: Wrapper, TransformObservation, TransformReward (old API)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ class TransformObservation(Wrapper):
     def step(self, action):
         obs, r, done, info = self.env.step(action)
         return self.f(obs), r, done, info
+
+
+class TransformReward(Wrapper):
+    def __init__(self, env, f):
+        super().__init__(env)
+        self.f = f
+
+    def step(self, action):
+        obs, r, done, info = self.env.step(action)
+        return obs, self.f(r), done, info
