@@ -90,9 +90,12 @@ def main() -> None:
     p.add_argument("--seed-updates", type=int, default=20_000, help="updates x seeds per measurement (at least --min-updates)")
     p.add_argument("--min-updates", type=int, default=500, help="fewest updates per measurement (lower it for slow models, e.g. tt)")
     p.add_argument("--extra", default="", help="extra flags for every script")
+    p.add_argument("--extra-for", nargs="*", default=[], metavar="ALGO=FLAGS",
+                   help="extra flags for one script, e.g. tt='--beam-width 8' (tt's evaluation is a beam search)")
     p.add_argument("--note", default="", help="conditions of the measurement, printed in the table (e.g. pinned cores, other load)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where speed_<label>.md/.json go")
     a = p.parse_args()
+    extra_for = dict(e.split("=", 1) for e in a.extra_for)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -104,7 +107,7 @@ def main() -> None:
             model, model_epoch_s = dynamics_model(data, Path(tmp), a.extra.split())
         for algo in a.algos:
             for s in a.seeds:
-                extra = a.extra.split() + (["--model-load", str(model)] if algo in MODEL_BASED else [])
+                extra = a.extra.split() + extra_for.get(algo, "").split() + (["--model-load", str(model)] if algo in MODEL_BASED else [])
                 row = measure(algo, s, max(a.min_updates, a.seed_updates // s), data, Path(tmp), extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
