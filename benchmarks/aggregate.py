@@ -22,7 +22,7 @@ from stats import stratified_bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-PUBLISHED_NAMES = {"bc": "BC", "td3bc": "TD3+BC", "iql": "IQL", "cql": "CQL", "awac": "AWAC", "mopo": "MOPO", "combo": "COMBO"}
+PUBLISHED_NAMES = {"bc": "BC", "td3bc": "TD3+BC", "iql": "IQL", "cql": "CQL", "awac": "AWAC", "mopo": "MOPO", "combo": "COMBO", "dt": "DT"}
 SOURCE_NOTE = {
     "recipe": "self-generated D4RL-recipe data (NOT the D4RL dataset; published D4RL numbers are for orientation only)",
     "d4rl": "the D4RL v2 dataset files",
