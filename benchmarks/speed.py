@@ -34,7 +34,7 @@ def synthetic(path: Path, n: int = 100_000) -> None:
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f["observations"] = rng.standard_normal((n, 11), dtype=np.float32)
-        f["next_observations"] = rng.standard_normal((n, 11), dtype=np.float32)
+        f["next_observations"] = np.roll(f["observations"][()], -1, axis=0)  # consecutive rows: episodes (dt, tt windows)
         f["actions"] = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
         f["rewards"] = rng.standard_normal(n, dtype=np.float32)
         f["terminals"] = (rng.random(n) < 0.001).astype(np.float32)
@@ -129,7 +129,7 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {r['algorithm']} | {r['num_seeds']} | failed: {r['error'][-80:]!r} | | | | | |")
             continue
-        lines.append(f"| {r['algorithm']} | {r['num_seeds']} | {r['updates_per_s']:.0f} | {r['seed_updates_per_s']:.0f} | "
+        lines.append(f"| {r['algorithm']} | {r['num_seeds']} | {r['updates_per_s']:.3g} | {r['seed_updates_per_s']:.3g} | "
                      f"{r['compile_time_s']:.1f} | {r['hours_per_1M_train_only']:.2f} h | {r['hours_per_1M_with_compile']:.2f} h | "
                      f"{r['peak_rss_mb']:.0f} |")
     lines += ["", "Published peer figures (1M IQL updates), for comparison on their hardware:", "",

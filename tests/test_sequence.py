@@ -81,6 +81,9 @@ def test_value_to_go_with_terminals_timeouts_and_the_penalty() -> None:
     assert values[2, 0] == pytest.approx(edges[:2, 2].mean())  # the failure's reward is the penalty, the lowest bin
     assert edges[0, 2] == -100.0 and edges[0, 3] == -100.0  # and the value before it: V_1 = -100
     np.testing.assert_allclose(tt.value_to_go(np.array([1.0, 2.0, -100.0, 1.0, 1.0]), np.array([3, 5]), 0.5), [-48.0, -100.0, 0.0, 1.0, 0.0])
+    # data whose every episode is one transition (next_observations unrelated to the next row): a one-line error
+    with pytest.raises(tt.common.DatasetError, match="2 or more transitions"):
+        tt.trajectory_arrays(args, data, {"episode_ends": np.arange(1, 6)}, prep)
     np.testing.assert_array_equal(out["starts"], [0, 1, 3])  # no window starts at an episode's last row
 
 
