@@ -206,7 +206,7 @@ def trajectory_arrays(args: Args, data: dict[str, np.ndarray], info: dict, prep:
     window_starts = np.flatnonzero(np.arange(len(ep_end)) + 1 < ep_end)  # every row but an episode's last
     if len(window_starts) == 0:
         raise common.DatasetError("no episode in the data has 2 or more transitions (does next_observations[i] equal "
-                               "observations[i + 1] inside an episode?); tt.py models windows of consecutive transitions")
+                                  "observations[i + 1] inside an episode?); tt.py models windows of consecutive transitions")
     out = {"tokens": np.asarray(discretize(jnp.asarray(edges), jnp.asarray(joined, jnp.float32))), "timestep": timestep.astype(np.int32),
            "ep_end": ep_end.astype(np.int32), "starts": window_starts.astype(np.int32)}
     return out, edges
