@@ -342,6 +342,23 @@ def online_summary(history: list[dict], handover: int, online_steps: int, episod
            "regret": None if regret is None else float(np.mean(regret)), "episodes": [len(e) for e in episodes]}
     return {**out, "per_seed": {**{k: v.tolist() for k, v in per_seed.items()}, "regret": regret}}
 
+def ring_in_order(buffer: dict) -> dict:
+    """A fine-tuning ring buffer ({'rows': [S, capacity, ...] per field, 'count': writes per seed}; write c sits at slot
+    c % capacity) as host arrays of its written rows, oldest first, and the count: what a checkpoint keeps."""
+    count, capacity = int(buffer["count"]), buffer["rows"]["rewards"].shape[1]
+    order = np.arange(max(count - capacity, 0), count) % capacity
+    return {"rows": {k: np.asarray(v[:, order]) for k, v in buffer["rows"].items()}, "count": count}
+
+
+def ring_refill(buffer: dict, saved: dict) -> dict:
+    """The empty ring `buffer` refilled with ring_in_order's saved rows, the newest that fit its capacity, oldest first
+    from slot 0 and counted as that many writes: the filled rows are [0, count), and the next write replaces the oldest."""
+    capacity = buffer["rows"]["rewards"].shape[1]
+    rows = {k: np.asarray(v)[:, -capacity:] for k, v in saved["rows"].items()}
+    kept = rows["rewards"].shape[1]
+    return {"rows": {k: v.at[:, :kept].set(rows[k]) for k, v in buffer["rows"].items()}, "count": jnp.asarray(kept, jnp.int32)}
+
+
 # ---- The run harness: data preparation, the run record, checkpoints, the command line ----
 RESULT_KEYS = ("algorithm", "dataset", "source", "source_kind", "dataset_sha256", "eval_env", "num_updates", "seeds",
                "last_return", "best_return", "last_normalized", "best_normalized", "per_seed", "interrupted",
@@ -464,6 +481,22 @@ class Run:
             print(f"[{self.algorithm}] restored {self.args.load} at update {self.step}", flush=True)
         return jax.tree.map(lambda x: jnp.array(x, copy=True), template)
 
+    def restore_online(self, buffer: dict, envs: OnlineEnvs) -> dict:
+        """Resuming a fine-tune (--load of a checkpoint saved while online): the empty buffer refilled with the saved rows
+        (the newest that fit, if --buffer-size or --online-steps shrank it) and the online episodes' record put back. The
+        envs start new episodes: the ones running at the save are cut there (their rows stay, none is a terminal)."""
+        saved = read_checkpoint(self.args.load) if self.args.load else {}
+        if "buffer" not in saved:
+            return buffer
+        if saved["buffer"]["rows"].keys() != buffer["rows"].keys():
+            raise RunError(f"{self.args.load}: its online buffer has the fields {sorted(saved['buffer']['rows'])}, "
+                           f"this run's {sorted(buffer['rows'])}")
+        buffer = ring_refill(buffer, saved["buffer"])
+        envs.episodes, envs.resets = saved["meta"]["online"]["episodes"], saved["meta"]["online"]["resets"]
+        print(f"[{self.algorithm}] restored the online buffer: the last {int(buffer['count'])} of {saved['buffer']['count']} "
+              "online transitions per seed", flush=True)
+        return buffer
+
     def chunks(self) -> Iterator[int]:
         """Lengths of the device calls: ~SECONDS_PER_CALL each, ending at every evaluation, until done or Ctrl-C."""
         while self.step < self.args.num_updates and not self.stop:
@@ -585,13 +618,16 @@ class Run:
         print(f"[{self.algorithm}] {msg}", flush=True)
         self.last_line = time.time()
 
-    def save(self, states) -> None:
-        """Atomic write: train state, update count and what resuming and load_policy need (config, Prep, data, folder)."""
+    def save(self, states, buffer: dict | None = None, envs: OnlineEnvs | None = None) -> None:
+        """Atomic write: train state, update count and what resuming and load_policy need (config, Prep, data, folder);
+        while fine-tuning also the online buffer's rows (oldest first) and the online episodes' record (envs)."""
         meta = {"algorithm": self.algorithm, "config": dataclasses.asdict(self.args), "schedule_updates": self.schedule_args.num_updates,
                 "prep": {k: v.tolist() for k, v in vars(self.prep).items()}, "log_dir": str(self.log_dir), "seeds": self.seeds,
                 "dataset": {k: self.info.get(k) for k in ("dataset", "task", *RESULT_KEYS[2:6])}, "history": self.history,
-                "hyperparameters": self.hp}
+                "hyperparameters": self.hp, **({"online": {"episodes": envs.episodes, "resets": envs.resets}} if envs else {})}
         blob = {"state": flax.serialization.to_state_dict(states), "step": self.step, "meta": json.dumps(meta)}
+        if buffer is not None:
+            blob["buffer"] = ring_in_order(buffer)
         Path(f"{self.save_path}.tmp").write_bytes(flax.serialization.msgpack_serialize(blob))
         if self.args.keep_checkpoints and self.history and self.history[-1]["update"] == self.step:  # an evaluated update
             kept = self.log_dir / "checkpoints" / f"{self.step}.msgpack"

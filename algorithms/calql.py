@@ -530,9 +530,11 @@ def fine_tune(args: Args, run: common.Run, states: CQLState, batch: dict, policy
     envs = common.OnlineEnvs(run.info, run.prep, len(run.seeds), args.num_envs, args.seed)
     capacity, (num_seeds, num_envs) = min(args.buffer_size, args.online_steps), envs.shape
     buffer, online_call = new_buffer(batch, len(run.seeds), capacity), make_online_call(make_update(args), explore)
+    buffer = run.restore_online(buffer, envs)  # resuming a fine-tune: the transitions it had collected
     # The host's record of each env's running episode: its rows' write counts (ring slot = count % capacity), training
-    # rewards and terminals. Its last `length` rows hold every row still in the ring.
-    length, count = min(envs.envs[0].spec.max_episode_steps or capacity, capacity), 0
+    # rewards and terminals. Its last `length` rows hold every row still in the ring. (A resumed fine-tune's episodes
+    # that were running at the save were cut there: their rows keep mc_return -inf, unfloored.)
+    length, count = min(envs.envs[0].spec.max_episode_steps or capacity, capacity), int(buffer["count"])
     episodes = {(s, k): ([], [], []) for s in range(num_seeds) for k in range(num_envs)}
     states, actions = jax.jit(jax.vmap(explore))(states, jnp.asarray(envs.obs))
     if not run.history or run.history[-1]["update"] != run.step:  # the score at hand-over
@@ -561,7 +563,9 @@ def fine_tune(args: Args, run: common.Run, states: CQLState, batch: dict, policy
             buffer = write_returns(buffer, jnp.asarray(slots.reshape(num_seeds, -1)), jnp.asarray(values.reshape(num_seeds, -1)))
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
-            run.save(states)
+            run.save(states, buffer, envs)
+    if run.saved_step != run.step:  # stopped by Ctrl-C: the checkpoint keeps the buffer too
+        run.save(states, buffer, envs)
     return states, common.online_summary(run.history, run.handover, args.online_steps, envs.episodes)
 
 

@@ -417,6 +417,7 @@ def fine_tune(args: Args, run: common.Run, states: IQLState, batch: dict, policy
     explore = make_explore(make_networks(args, run.prep.act_dim)[0])
     envs = common.OnlineEnvs(run.info, run.prep, len(run.seeds), args.num_envs, args.seed)
     buffer, online_call = new_buffer(batch, len(run.seeds), min(args.buffer_size, args.online_steps)), make_online_call(make_update(args), explore)
+    buffer = run.restore_online(buffer, envs)  # resuming a fine-tune: the transitions it had collected
     states, actions = jax.jit(jax.vmap(explore))(states, jnp.asarray(envs.obs))
     if not run.history or run.history[-1]["update"] != run.step:  # the score at hand-over
         run.evaluate(policy, states.actor.params)
@@ -426,7 +427,9 @@ def fine_tune(args: Args, run: common.Run, states: IQLState, batch: dict, policy
         states, buffer, actions = run.train_online(online_call, states, batch, buffer, new, envs.obs)
         if run.eval_due:
             run.evaluate(policy, states.actor.params)
-            run.save(states)
+            run.save(states, buffer, envs)
+    if run.saved_step != run.step:  # stopped by Ctrl-C: the checkpoint keeps the buffer too
+        run.save(states, buffer, envs)
     return states, common.online_summary(run.history, run.handover, args.online_steps, envs.episodes)
 
 

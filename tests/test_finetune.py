@@ -58,6 +58,24 @@ def test_buffer_wraps_over_the_oldest_when_full(algo: str) -> None:
     assert np.array_equal(buf["rows"]["observations"][..., 0], buf["rows"]["rewards"])
 
 
+def test_checkpointed_ring_keeps_write_order_when_its_capacity_changes() -> None:
+    mod = load_script("iql")
+    data = {"rewards": jnp.zeros(7), "observations": jnp.zeros((7, 3))}
+    buf = mod.new_buffer(data, num_seeds=2, capacity=4)
+    for t in range(6):  # 6 writes of K = 1 into 4 slots: writes 2..5 remain, write 4 at slot 0
+        vals = np.array([[t], [10 + t]], np.float32)
+        buf = mod.buffer_insert(buf, {"rewards": jnp.asarray(vals), "observations": jnp.asarray(np.repeat(vals[..., None], 3, -1))})
+    saved = common.ring_in_order(buf)
+    assert saved["count"] == 6 and np.array_equal(saved["rows"]["rewards"], [[2, 3, 4, 5], [12, 13, 14, 15]])
+    for capacity, kept in ((4, [2, 3, 4, 5]), (3, [3, 4, 5]), (8, [2, 3, 4, 5])):  # refilled oldest first from slot 0
+        ring = common.ring_refill(mod.new_buffer(data, 2, capacity), saved)
+        assert int(ring["count"]) == len(kept) and np.array_equal(ring["rows"]["rewards"][0, :len(kept)], kept)
+        assert np.array_equal(ring["rows"]["observations"][1, :len(kept), 0], np.add(kept, 10))
+        assert not np.any(ring["rows"]["rewards"][:, len(kept):])  # the sampler's [0, count) is exactly what was kept
+        ring = mod.buffer_insert(ring, {"rewards": jnp.asarray([[6.0], [16.0]]), "observations": jnp.full((2, 1, 3), 6.0)})
+        assert np.array_equal(common.ring_in_order(ring)["rows"]["rewards"][0], (kept + [6])[-capacity:])  # oldest replaced
+
+
 def test_online_envs_keep_terminal_and_timeout_apart() -> None:
     info = {"eval_env": "Pendulum-v1", "eval_env_kwargs": {}}
     prep = common.Prep(np.zeros(3), np.ones(3), np.array([-2.0]), np.array([2.0]))
@@ -144,6 +162,16 @@ def test_fine_tune_from_a_checkpoint(algo: str, tiny_dataset, tmp_path) -> None:
     assert "(online)" in proc.stdout or "update 600/600" in proc.stdout
     ckpt = common.read_checkpoint(ft / "checkpoint.msgpack", algo)
     assert ckpt["step"] == 600 and load_script(algo).load_policy(str(ft / "checkpoint.msgpack"))(np.zeros(3)).shape == (1,)
+    assert ckpt["buffer"]["count"] == 400 and ckpt["buffer"]["rows"]["rewards"].shape == (2, 400)  # 2 seeds' online rows
+
+    # resuming the fine-tune (to 600 online steps) refills the buffer and keeps the online episodes' record
+    proc = run_script(algo, "--load", ft / "checkpoint.msgpack", "--online-steps", "600")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restored the online buffer: the last 400 of 400 online transitions per seed" in proc.stdout
+    result = json.loads((ft / "result.json").read_text())
+    assert result["num_updates"] == 800 and [h["update"] for h in result["eval_history"]][-3:] == [600, 700, 800]
+    assert result["online"]["online_steps"] == 600 and result["online"]["episodes"] == [2, 2]  # the new ones: cut at 100 steps
+    assert common.read_checkpoint(ft / "checkpoint.msgpack", algo)["buffer"]["count"] == 600
 
 
 def test_online_flags_must_divide(tiny_dataset) -> None:

@@ -11,8 +11,13 @@ from conftest import ALGORITHMS, RESULT_KEYS, load_script, run_script
 
 SMALL = ["--eval-env", "Pendulum-v1", "--num-seeds", "2", "--eval-episodes", "2", "--hidden-dim", "32",
          "--batch-size", "64"]
-# the sequence models' own small settings: a short context, and a small beam search (planning is tt's evaluation)
-SMALL_MORE = {"dt": ["--seq-len", "5"], "tt": ["--seq-len", "7", "--num-layers", "2", "--horizon", "3", "--beam-width", "8"]}
+# scripts' own small settings: the sequence models' short context and small beam search (planning is tt's
+# evaluation), and BEAR's VAE (750 wide by default) and warm start (40k by default: the Q term would never run)
+SMALL_MORE = {"dt": ["--seq-len", "5"], "tt": ["--seq-len", "7", "--num-layers", "2", "--horizon", "3", "--beam-width", "8"],
+              "bear": ["--vae-hidden-dim", "32", "--warm-start", "100"]}
+# updates between evaluations: 100 (so the device calls resize: 20, then the fitted size), but 20 for the sequence
+# models, whose every new call length is a slow compile (20 is the first call's length: one compile per process)
+UNIT = {"dt": 20, "tt": 20}
 
 
 def check_ok(proc) -> None:
@@ -21,37 +26,37 @@ def check_ok(proc) -> None:
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_train_nan_guard_resume_and_evaluate(algo: str, tiny_dataset: Path, tmp_path: Path) -> None:
-    run1, ckpt = tmp_path / "run1", tmp_path / "ckpt.msgpack"
-    # 1) train 200 updates, 2 vmapped seeds, evaluating every 100
-    proc = run_script(algo, "--dataset", tiny_dataset, *SMALL, *SMALL_MORE.get(algo, []), "--num-updates", "200", "--eval-interval", "100",
-                      "--log-dir", run1, "--save-path", ckpt)
+    run1, ckpt, u = tmp_path / "run1", tmp_path / "ckpt.msgpack", UNIT.get(algo, 100)
+    # 1) train 2u updates, 2 vmapped seeds, evaluating every u
+    proc = run_script(algo, "--dataset", tiny_dataset, *SMALL, *SMALL_MORE.get(algo, []), "--num-updates", 2 * u,
+                      "--eval-interval", u, "--log-dir", run1, "--save-path", ckpt)
     check_ok(proc)
     result = json.loads((run1 / "result.json").read_text())
     assert RESULT_KEYS <= set(result) and result["interrupted"] is False
-    assert result["algorithm"] == algo and result["num_updates"] == 200 and result["seeds"] == [0, 1]
+    assert result["algorithm"] == algo and result["num_updates"] == 2 * u and result["seeds"] == [0, 1]
     assert result["eval_env"] == "Pendulum-v1" and result["last_normalized"] is None  # no reference returns
     assert [s["seed"] for s in result["per_seed"]] == [0, 1]
     assert all(s["best_return"] >= s["last_return"] for s in result["per_seed"])
-    assert [e["update"] for e in result["eval_history"]] == [100, 200] and len(result["eval_history"][0]["returns"]) == 2
+    assert [e["update"] for e in result["eval_history"]] == [u, 2 * u] and len(result["eval_history"][0]["returns"]) == 2
     assert result["updates_per_s"] > 0 and result["config"]["num_seeds"] == 2
     assert (run1 / "evals.csv").read_text().count("\n") == 1 + 2 * 2
     assert "None" not in proc.stdout and " ± " in proc.stdout  # two seeds: mean ± std; no None printed
 
-    # 2) resume to 400 with a NaN injected at update 350: updates 201-300 are checkpointed, then the run stops with a
+    # 2) resume to 4u with a NaN injected at update 3.5u: updates 2u+1..3u are checkpointed, then the run stops with a
     #    one-line error naming the update, keeps that checkpoint, and writes no result for the failed part
-    proc = run_script(algo, "--load", ckpt, "--num-updates", "400", "--eval-interval", "100",
-                      env={"OFFRL_DEBUG_NAN_AT": "350"})
+    proc = run_script(algo, "--load", ckpt, "--num-updates", 4 * u, "--eval-interval", u,
+                      env={"OFFRL_DEBUG_NAN_AT": str(7 * u // 2)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: non-finite") and "at update 350" in proc.stderr, proc.stderr[-2000:]
-    assert "restored" in proc.stdout and "update 300/400" in proc.stdout
-    assert json.loads((run1 / "result.json").read_text())["num_updates"] == 200  # resumed in the same folder
-    assert (run1 / "evals.csv").read_text().count("\n") == 1 + 3 * 2  # one curve: 100, 200, 300
+    assert proc.stderr.startswith("error: non-finite") and f"at update {7 * u // 2}" in proc.stderr, proc.stderr[-2000:]
+    assert "restored" in proc.stdout and f"update {3 * u}/{4 * u}" in proc.stdout
+    assert json.loads((run1 / "result.json").read_text())["num_updates"] == 2 * u  # resumed in the same folder
+    assert (run1 / "evals.csv").read_text().count("\n") == 1 + 3 * 2  # one curve: u, 2u, 3u
 
     # 3) evaluate the surviving checkpoint only, into a new folder
     proc = run_script(algo, "--load", ckpt, "--num-updates", "0", "--log-dir", tmp_path / "run3")
     check_ok(proc)
     result = json.loads((tmp_path / "run3" / "result.json").read_text())
-    assert result["num_updates"] == 300 and [e["update"] for e in result["eval_history"]] == [300]
+    assert result["num_updates"] == 3 * u and [e["update"] for e in result["eval_history"]] == [3 * u]
     assert result["updates_per_s"] is None
 
     # 4) the checkpoint as a policy in the user's own code: one state or a batch, env units, the same action twice
