@@ -14,10 +14,10 @@ SMALL = ["--eval-env", "Pendulum-v1", "--num-seeds", "2", "--eval-episodes", "2"
 # scripts' own small settings: the sequence models' short context and small beam search (planning is tt's
 # evaluation), and BEAR's VAE (750 wide by default) and warm start (40k by default: the Q term would never run)
 SMALL_MORE = {"dt": ["--seq-len", "5"], "tt": ["--seq-len", "7", "--num-layers", "2", "--horizon", "3", "--beam-width", "8"],
-              "bear": ["--vae-hidden-dim", "32", "--warm-start", "100"]}
-# updates between evaluations: 100 (so the device calls resize: 20, then the fitted size), but 20 for the sequence
-# models, whose every new call length is a slow compile (20 is the first call's length: one compile per process)
-UNIT = {"dt": 20, "tt": 20}
+              "bear": ["--vae-hidden-dim", "32", "--warm-start", "30"]}
+# updates between evaluations: 100 (so the device calls resize: 20, then the fitted size), but 20 for the scripts whose
+# every new call length is a slow compile (20 is the first call's length: one compile per process)
+UNIT = {"dt": 20, "tt": 20, "bear": 20, "cemq": 20}
 
 
 def check_ok(proc) -> None:
