@@ -342,6 +342,7 @@ def online_summary(history: list[dict], handover: int, online_steps: int, episod
            "regret": None if regret is None else float(np.mean(regret)), "episodes": [len(e) for e in episodes]}
     return {**out, "per_seed": {**{k: v.tolist() for k, v in per_seed.items()}, "regret": regret}}
 
+
 def ring_in_order(buffer: dict) -> dict:
     """A fine-tuning ring buffer ({'rows': [S, capacity, ...] per field, 'count': writes per seed}; write c sits at slot
     c % capacity) as host arrays of its written rows, oldest first, and the count: what a checkpoint keeps."""
