@@ -17,7 +17,7 @@ SMALL_MORE = {"dt": ["--seq-len", "5"], "tt": ["--seq-len", "7", "--num-layers",
               "bear": ["--vae-hidden-dim", "32", "--warm-start", "30"]}
 # updates between evaluations: 100 (so the device calls resize: 20, then the fitted size), but 20 for the scripts whose
 # every new call length is a slow compile (20 is the first call's length: one compile per process)
-UNIT = {"dt": 20, "tt": 20, "bear": 20, "cemq": 20}
+UNIT = {"dt": 20, "tt": 20, "bear": 20, "cemq": 20, "cql": 20, "calql": 20}
 
 
 def check_ok(proc) -> None:
