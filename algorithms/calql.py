@@ -253,17 +253,17 @@ def sample_tanh_gaussian(key: jax.Array, mean: jax.Array, log_std: jax.Array,
 
 # ---- Losses ----
 def q_of_samples(q_fn: Callable, obs: jax.Array, actions: jax.Array) -> jax.Array:
-    """Twin Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n].
+    """Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n] (or [batch, n]).
 
-    q_fn maps ([M, obs], [M, act]) -> [2, M]. The (state, sample) pairs are flattened to M = batch * n rows
-    (XLA:CPU is much faster on plain 2-D matmuls) with row b * n + j = (obs[b], actions[b, j]), and the result
-    is reshaped back to [2, batch, n] in the same order.
+    q_fn maps ([M, obs], [M, act]) -> [2, M] (both heads; or [M], one head). The (state, sample) pairs are flattened
+    to M = batch * n rows (XLA:CPU is much faster on plain 2-D matmuls) with row b * n + j = (obs[b], actions[b, j]),
+    and the result is reshaped back to [..., batch, n] in the same order.
     """
     batch, n, act_dim = actions.shape
     obs_rep = jnp.broadcast_to(obs[:, None, :], (batch, n, obs.shape[-1])).reshape(batch * n, obs.shape[-1])
     q = q_fn(obs_rep, actions.reshape(batch * n, act_dim))
-    chex.assert_shape(q, (2, batch * n))
-    return q.reshape(2, batch, n)
+    chex.assert_shape(q, (..., batch * n))
+    return q.reshape(*q.shape[:-1], batch, n)
 
 
 def cql_logsumexp(q_rand: jax.Array, q_cur: jax.Array, q_next: jax.Array, log_prob_rand: float | jax.Array,

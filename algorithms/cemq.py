@@ -143,18 +143,25 @@ class DoubleCritic(nn.Module):
         return ensemble(self.hidden_dim, self.num_layers, 1, self.layer_norm, self.orthogonal_init)(x)[..., 0]
 
 
-def q_of_samples(q_fn: Callable, obs: jax.Array, actions: jax.Array) -> jax.Array:
-    """Twin Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n].
+def first_head(critic_def: DoubleCritic, params: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Q_1(s, a) alone, ([M, obs], [M, act]) -> [M]: the twin's first member through one MLP. CEM maximizes only this
+    head, so scoring its samples with both heads would double the cost of every update and every action."""
+    member = jax.tree.map(lambda p: p[0], params["params"]["VmapMLP_0"])
+    mlp = MLP(critic_def.hidden_dim, critic_def.num_layers, 1, critic_def.layer_norm, critic_def.orthogonal_init)
+    return lambda obs, act: mlp.apply({"params": member}, jnp.concatenate([obs, act], axis=-1))[..., 0]
 
-    q_fn maps ([M, obs], [M, act]) -> [2, M]. The (state, sample) pairs are flattened to M = batch * n rows
-    (XLA:CPU is much faster on plain 2-D matmuls) with row b * n + j = (obs[b], actions[b, j]), and the result
-    is reshaped back to [2, batch, n] in the same order.
+def q_of_samples(q_fn: Callable, obs: jax.Array, actions: jax.Array) -> jax.Array:
+    """Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n] (or [batch, n]).
+
+    q_fn maps ([M, obs], [M, act]) -> [2, M] (both heads; or [M], one head). The (state, sample) pairs are flattened
+    to M = batch * n rows (XLA:CPU is much faster on plain 2-D matmuls) with row b * n + j = (obs[b], actions[b, j]),
+    and the result is reshaped back to [..., batch, n] in the same order.
     """
     batch, n, act_dim = actions.shape
     obs_rep = jnp.broadcast_to(obs[:, None, :], (batch, n, obs.shape[-1])).reshape(batch * n, obs.shape[-1])
     q = q_fn(obs_rep, actions.reshape(batch * n, act_dim))
-    chex.assert_shape(q, (2, batch * n))
-    return q.reshape(2, batch, n)
+    chex.assert_shape(q, (..., batch * n))
+    return q.reshape(*q.shape[:-1], batch, n)
 
 
 def cem_argmax(key: jax.Array, score_fn: Callable[[jax.Array], jax.Array], batch: int, act_dim: int,
@@ -224,6 +231,7 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
 
 def make_update(args: Args) -> Callable:
     nan_at = common.debug_nan_at()
+    critic_def = make_networks(args)
 
     def update(state: CEMQState, data: dict[str, jax.Array], step: jax.Array) -> tuple[CEMQState, dict]:
         key, k_idx, k_next, k_rand = jax.random.split(state.key, 4)
@@ -233,7 +241,7 @@ def make_update(args: Args) -> Callable:
         batch, act_dim = act.shape
         critic_apply = state.critic.apply_fn
         cem = lambda k, params, o: cem_argmax(  # noqa: E731 - CEM on head 1 of `params` at states o
-            k, lambda a: q_of_samples(lambda x, y: critic_apply(params, x, y), o, a)[0], batch, act_dim,
+            k, lambda a: q_of_samples(first_head(critic_def, params), o, a), batch, act_dim,
             args.cem_iterations, args.cem_samples, args.cem_elites)
 
         # TD target: the CEM maximizer of the lagging target's first head at s', scored by both lagging heads.
@@ -290,7 +298,7 @@ def state_key(obs: jax.Array) -> jax.Array:
 
 def cem_action(args: Args, critic_def: nn.Module, params: Any, obs: jax.Array, act_dim: int) -> jax.Array:
     """The policy: CEM argmax of the critic's first head at one state, obs [obs] -> [act] in [-1, 1]."""
-    q_fn = lambda a: q_of_samples(lambda x, y: critic_def.apply(params, x, y), obs[None], a)[0]  # noqa: E731
+    q_fn = lambda a: q_of_samples(first_head(critic_def, params), obs[None], a)  # noqa: E731
     return cem_argmax(state_key(obs), q_fn, 1, act_dim, args.cem_iterations, args.cem_samples, args.cem_elites)[0][0]
 
 

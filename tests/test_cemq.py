@@ -1,5 +1,5 @@
 """Unit tests of CEM-Q (algorithms/cemq.py): CEM finds a known maximum, the clipped double-Q target, the CQL penalty,
-and one update."""
+and one update, and that CEM scores with the first head alone."""
 
 from __future__ import annotations
 
@@ -50,3 +50,14 @@ def test_one_update_moves_the_critic_and_reports_the_cem_gap(cemq, cql_alpha):
                                                                   jax.tree.leaves(state.critic.params), strict=True)]
     assert all(changed) and all(math.isfinite(float(v)) for v in m.values())
     assert (float(m["cql_gap"]) != 0.0) == (cql_alpha > 0)
+
+
+def test_first_head_is_the_twin_critics_first_row(cemq):
+    """CEM scores its samples with Q_1 alone; it must be exactly the first of the twin critic's two outputs."""
+    args = cemq.Args(hidden_dim=16, num_layers=3)
+    critic_def = cemq.make_networks(args)
+    params = cemq.make_init(args, 3, 2)(jnp.asarray(0)).critic.params
+    obs, act = jax.random.normal(jax.random.PRNGKey(1), (5, 3)), jax.random.uniform(jax.random.PRNGKey(2), (5, 2))
+    both = critic_def.apply(params, obs, act)
+    assert not np.allclose(both[0], both[1])  # the two heads differ, so the test can tell which one it got
+    np.testing.assert_allclose(cemq.first_head(critic_def, params)(obs, act), both[0], rtol=1e-5, atol=1e-6)
