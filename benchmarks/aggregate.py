@@ -3,7 +3,7 @@
     python benchmarks/aggregate.py --label cpu-reduced
 
 Writes scores.md / scores.csv (last and best normalized score, mean ± std over seeds, with the
-published numbers beside them), aggregate rows (mean, and IQM with 95% stratified-bootstrap CIs
+published numbers beside them; the score at every evaluation, by budget), aggregate rows (mean, and IQM with 95% stratified-bootstrap CIs
 as in rliable), beats_data.md (each algorithm against BC and the behaviour data), curves_*.png
 (learning curves) and bars.png (final scores).
 """
@@ -110,7 +110,8 @@ def plot_curves(runs: list[dict], out: Path) -> list[Path]:
             ax.fill_between(x, m - s, m + s, alpha=0.2, color=c)
         ax.set_xlabel("updates")
         ax.set_ylabel("normalized score")
-        ax.set_title(f"{ds} ({runs[0]['source_kind']} data), mean ± std over seeds", fontsize=9)
+        ax.set_title(f"{ds} ({data_version(rs[0])} data), {max(r['num_updates'] for r in rs):,} updates, "
+                     f"mean ± std over {len(rs[0]['seeds'])} seeds", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -119,6 +120,29 @@ def plot_curves(runs: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         files.append(f)
     return files
+
+
+def data_version(r: dict) -> str:
+    """The source kind and, for hashed files, the first 8 hex digits of the data's sha256 (which build of a recipe file)."""
+    return f"{r['source_kind']} {r['dataset_sha256'][:8]}" if r.get("dataset_sha256") else r["source_kind"]
+
+
+def budget_lines(runs: list[dict], algos: list[str], datasets: list[str]) -> list[str]:
+    """The mean normalized score of each cell at every evaluation, and each algorithm's mean over the datasets at the
+    updates all of its runs reached: how each score moves with the budget (e.g. 20k against 100k updates)."""
+    at = {(r["algorithm"], r["dataset"]): {e["update"]: float(np.mean(e["normalized"])) for e in r.get("eval_history", [])
+                                           if e.get("normalized") is not None} for r in runs}
+    points = sorted({u for v in at.values() for u in v})
+    lines = ["| dataset | algorithm | " + " | ".join(f"{u:,}" for u in points) + " |", "|---|---" + "|---" * len(points) + "|"]
+    for d in datasets:
+        for al in algos:
+            if (al, d) in at:
+                lines.append(f"| {d} | {al} | " + " | ".join(f"{at[al, d][u]:.1f}" if u in at[al, d] else "-" for u in points) + " |")
+    for al in algos:
+        cells = [at[al, d] for d in datasets if (al, d) in at]
+        means = [f"{np.mean([c[u] for c in cells]):.1f}" if all(u in c for c in cells) else "-" for u in points]
+        lines.append(f"| **mean over {len(cells)}** | {al} | " + " | ".join(means) + " |")
+    return lines
 
 
 def plot_bars(runs: list[dict], algos: list[str], datasets: list[str], out: Path) -> Path:
@@ -191,10 +215,10 @@ def main() -> None:
             r = cell.get((al, d))
             if r is None:
                 continue
-            lines.append(f"| {d} | {r['source_kind']} | {al} | {r['num_updates']:,} × {len(r['seeds'])} "
+            lines.append(f"| {d} | {data_version(r)} | {al} | {r['num_updates']:,} × {len(r['seeds'])} "
                          f"| {ms(per_seed(r, 'last_normalized'))} | {ms(per_seed(r, 'best_normalized'))} "
                          f"| {ms(per_seed(r, 'last_return'))} | {published_cell(pub, al, d)} |")
-            rows_csv.append({"dataset": d, "source_kind": r["source_kind"], "algorithm": al, "num_updates": r["num_updates"],
+            rows_csv.append({"dataset": d, "source_kind": r["source_kind"], "dataset_sha256": r.get("dataset_sha256"), "algorithm": al, "num_updates": r["num_updates"],
                              "seeds": len(r["seeds"]), "last_normalized_mean": np.mean(per_seed(r, "last_normalized")),
                              "last_normalized_std": np.std(per_seed(r, "last_normalized")),
                              "best_normalized_mean": np.mean(per_seed(r, "best_normalized")),
@@ -215,6 +239,9 @@ def main() -> None:
             pt, lo, hi = stratified_bootstrap_ci(scores)
             row += [f"{np.mean([s.mean() for s in scores]):.1f}", f"{pt:.1f} [{lo:.1f}, {hi:.1f}]"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## By budget", "", "Mean normalized score over seeds at each evaluation (the update it followed); the "
+              "mean rows average an algorithm's datasets where every one of its runs has that evaluation.", "",
+              *budget_lines(runs, algos, datasets)]
     lines += ["", "## Runs", "", "| cell | command | wall time | phases | date |", "|---|---|---|---|---|"]
     left_out = {f"{x.split('/')[0]}/{base_name(x.split('/', 1)[1])}" for x in stale}
     for name, c in sorted(manifest.get("cells", {}).items()):

@@ -58,6 +58,8 @@ def test_aggregate_tables_and_plots(tmp_path):
     assert "NOT the D4RL dataset" in md
     assert "| hopper-medium-recipe | recipe | iql | 2,000 × 2 | 61.0 ± 1.0 | 62.0 ± 1.0 |" in md
     assert "67.5 (CORL README (4 seeds, 1M updates), last)" in md  # published IQL figure beside ours
+    assert "| dataset | algorithm | 1,000 | 2,000 |" in md  # by budget: the seed mean at each evaluation
+    assert "| hopper-medium-recipe | iql | 31.0 | 61.0 |" in md and "| **mean over 1** | bc | 21.0 | 41.0 |" in md
     assert "test cpu" in md and "| bc/hopper-medium | `python algorithms/bc.py --env hopper-medium` | 1.0 min | - |" in md
     beats = (tmp_path / "out" / "t" / "beats_data.md").read_text()
     assert "61.0 (+20.0, n/a)" in beats
