@@ -224,6 +224,7 @@ class AWRState:
     actor: TrainState
     critic: TrainState
     target_critic_params: Any  # V at the start of the iteration: the critic steps regress onto its TD(lambda) returns
+    cache: jax.Array  # [N], one value per dataset row: the phase's TD(lambda) returns or advantage weights (make_refresh)
     key: jax.Array
 
 
@@ -233,7 +234,7 @@ def make_networks(args: Args, action_dim: int) -> tuple[GaussianActor, MLP]:
     return actor, MLP(args.hidden_dim, args.num_layers, 1, args.critic_layer_norm)
 
 
-def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array], AWRState]:
+def make_init(args: Args, obs_dim: int, action_dim: int, num_rows: int) -> Callable[[jax.Array], AWRState]:
     actor_def, critic_def = make_networks(args, action_dim)
 
     def init(seed: jax.Array) -> AWRState:
@@ -246,6 +247,7 @@ def make_init(args: Args, obs_dim: int, action_dim: int) -> Callable[[jax.Array]
             critic=TrainState.create(apply_fn=critic_def.apply, params=critic_params,
                                      tx=optax.sgd(args.critic_lr, momentum=args.momentum)),
             target_critic_params=critic_params,
+            cache=jnp.zeros(num_rows),  # filled by the first update's refresh (update 0 starts an iteration)
             key=key,
         )
 
@@ -262,8 +264,9 @@ def check_iteration(args: Args) -> int:
 def make_refresh(args: Args) -> Callable:
     """One seed's per-row cache for the current phase, from the whole dataset: in the critic steps the TD(lambda) returns of V at
     the iteration's start (awr_agent.py L222-223), in the actor steps the weights from the returns and values of the V the critic
-    steps left (L229-232). It is rebuilt from the train state at the start of every device call too, so a resumed run continues
-    exactly (the cache is not checkpointed)."""
+    steps left (L229-232). It is rebuilt at those two phase starts only. The cache is part of the train state, so a checkpoint
+    keeps it and a resumed run continues exactly. Rebuilding it at every device call instead is slow on a big file: one pass
+    over 2M rows costs more than a thousand updates."""
     iteration = check_iteration(args)
 
     def values(state: AWRState, params: Any, data: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -278,7 +281,7 @@ def make_refresh(args: Args) -> Callable:
         v, next_v = values(state, params, data)
         return td_lambda_returns(data["rewards"], data["terminals"], next_v, data["episode_last"], args.discount, args.td_lambda), v
 
-    def refresh(state: AWRState, data: dict[str, jax.Array], step: jax.Array) -> tuple[AWRState, jax.Array]:
+    def refresh(state: AWRState, data: dict[str, jax.Array], step: jax.Array) -> AWRState:
         pos = step % iteration
         state = jax.lax.cond(pos == 0, lambda s: s.replace(target_critic_params=s.critic.params), lambda s: s, state)
 
@@ -287,7 +290,7 @@ def make_refresh(args: Args) -> Callable:
             return awr_weights(g - v, args.temperature, args.weight_clip)
 
         cache = jax.lax.cond(pos < args.critic_steps, lambda: returns(state, state.target_critic_params, data)[0], weights)
-        return state, jax.lax.stop_gradient(cache)
+        return state.replace(cache=jax.lax.stop_gradient(cache))
 
     return refresh
 
@@ -299,7 +302,7 @@ def make_update(args: Args) -> Callable:
     nan_at = common.debug_nan_at()
     iteration = check_iteration(args)
 
-    def update(state: AWRState, cache: jax.Array, data: dict[str, jax.Array], step: jax.Array) -> tuple[AWRState, dict]:
+    def update(state: AWRState, data: dict[str, jax.Array], step: jax.Array) -> tuple[AWRState, dict]:
         key, k_idx = jax.random.split(state.key)
         idx = sample_batch(k_idx, data, args.batch_size)
         obs, act = data["observations"][idx], data["actions"][idx]
@@ -309,7 +312,7 @@ def make_update(args: Args) -> Callable:
 
         # Value step of Algorithm 1: regress V(s) onto the TD(lambda) returns of the V the iteration started with.
         def critic_step(state: AWRState) -> tuple[AWRState, dict]:
-            target = cache[idx]
+            target = state.cache[idx]
 
             def loss_fn(params):
                 pred = critic_apply(params, obs)[..., 0]  # V(s) (1 - gamma)
@@ -321,7 +324,7 @@ def make_update(args: Args) -> Callable:
 
         # Policy step of Algorithm 1: weighted max-likelihood of the data actions, weights exp(A / beta) (standardized, clipped).
         def actor_step(state: AWRState) -> tuple[AWRState, dict]:
-            weights = cache[idx]
+            weights = state.cache[idx]
 
             def loss_fn(params):
                 mean, log_std = actor_apply(params, obs)
@@ -340,23 +343,18 @@ def make_update(args: Args) -> Callable:
 
 def make_train_chunk(args: Args, update: Callable, refresh: Callable) -> Callable:
     """jit(scan(vmap(update))): `num_steps` updates of every seed in one device call; state buffers donated. The per-row cache
-    (returns or weights) is rebuilt at the call's start and at every phase boundary inside it."""
+    (returns or weights) is rebuilt at every phase boundary, wherever it falls."""
     iteration = check_iteration(args)
     vrefresh = jax.vmap(refresh, in_axes=(0, None, None))
 
     def chunk(states: AWRState, data: dict[str, jax.Array], step0: jax.Array, num_steps: int):
-        states, cache = vrefresh(states, data, step0)
-
-        def body(carry, step):
-            states, cache = carry
+        def body(states, step):
             pos = step % iteration
-            due = ((pos == 0) | (pos == args.critic_steps)) & (step != step0)
-            states, cache = jax.lax.cond(due, lambda: vrefresh(states, data, step), lambda: (states, cache))
-            states, metrics = jax.vmap(update, in_axes=(0, 0, None, None))(states, cache, data, step)
-            return (states, cache), metrics
+            states = jax.lax.cond((pos == 0) | (pos == args.critic_steps), lambda: vrefresh(states, data, step), lambda: states)
+            return jax.vmap(update, in_axes=(0, None, None))(states, data, step)
 
         steps = step0 + jnp.arange(num_steps)
-        (states, _), metrics = jax.lax.scan(body, (states, cache), steps)
+        states, metrics = jax.lax.scan(body, states, steps)
         # metrics: [num_steps, num_seeds] -> chunk means per seed over the steps of each metric's phase (0 if the call had none),
         # and the first non-finite step (-1 if none).
         critic = (steps % iteration < args.critic_steps)[:, None]
@@ -409,7 +407,8 @@ def main(args: Args) -> dict:
                                                                   "critic_steps": args.critic_steps, "actor_steps": args.actor_steps})
     arrays = {**run.prep.arrays(data), **episode_arrays(len(data["rewards"]), info["episode_ends"])}
     batch = jax.device_put(arrays)  # on the device once (AWR uses the raw rewards)
-    states = run.restore(jax.vmap(make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim))(jnp.asarray(run.seeds)))
+    init = make_init(run.schedule_args, run.prep.obs_dim, run.prep.act_dim, len(data["rewards"]))
+    states = run.restore(jax.vmap(init)(jnp.asarray(run.seeds)))
     train_chunk = make_train_chunk(args, make_update(args), make_refresh(args))
     policy = make_policy_fn(make_networks(args, run.prep.act_dim)[0], run.prep)
     for n in run.chunks():  # device calls of a few seconds each, until --num-updates or Ctrl-C

@@ -1,13 +1,15 @@
-"""Unit tests of AWR's TD(lambda) returns and advantage weights (algorithms/awr.py) against hand computations."""
+"""Unit tests of AWR's TD(lambda) returns and advantage weights (algorithms/awr.py) against hand computations, and of its
+per-row cache across device calls."""
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import load_script, random_transitions
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,30 @@ def test_awr_weights_standardized_and_clipped(awr):
     # temperature: exp(z / beta), and the clip caps every weight
     np.testing.assert_allclose(awr.awr_weights(adv, 2.0, 20.0)[:-1], np.exp(z[:-1] / 2.0), rtol=1e-5)
     assert float(awr.awr_weights(adv, 0.1, 1.5).max()) == pytest.approx(1.5)
+
+
+def test_the_cache_follows_the_phases_not_the_device_calls(awr):
+    """The per-row cache (TD(lambda) targets in the critic steps, advantage weights in the actor steps) lives in the train
+    state and is rebuilt at each phase start only: 7 updates in one device call equal 2 + 4 + 1 in three calls, with the
+    boundaries falling inside phases, and after a critic step the cache holds the iteration's targets."""
+    args = awr.Args(hidden_dim=8, batch_size=4, critic_steps=2, actor_steps=3)
+    data = {**random_transitions(16), **awr.episode_arrays(16, np.array([7, 16]))}
+    fresh = lambda: jax.tree.map(jnp.copy, jax.vmap(awr.make_init(args, 3, 2, 16))(jnp.arange(2)))  # noqa: E731 - own buffers: a call donates them
+    init = fresh()
+    chunk = awr.make_train_chunk(args, awr.make_update(args), awr.make_refresh(args))
+    whole, _, _ = chunk(init, data, jnp.asarray(0), num_steps=7)
+    parts = fresh()
+    for step0, n in ((0, 2), (2, 4), (6, 1)):
+        parts, _, _ = chunk(parts, data, jnp.asarray(step0), num_steps=n)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    # update 5 starts iteration 2: its critic-phase cache is the TD(lambda) returns of V at that start (the target net)
+    after, _, _ = chunk(fresh(), data, jnp.asarray(0), num_steps=6)
+    one = jax.tree.map(lambda x: x[0], after)
+    v = one.critic.apply_fn(one.target_critic_params, data["observations"])[..., 0] / (1.0 - args.discount)
+    next_v = one.critic.apply_fn(one.target_critic_params, data["next_observations"])[..., 0] / (1.0 - args.discount)
+    inside = 1.0 - data["episode_last"]
+    next_v = jnp.where(inside > 0, jnp.roll(v, -1), next_v)
+    want = awr.td_lambda_returns(data["rewards"], data["terminals"], next_v, data["episode_last"], args.discount, args.td_lambda)
+    np.testing.assert_allclose(one.cache, want, rtol=1e-5, atol=1e-5)
