@@ -110,7 +110,7 @@ def plot_curves(runs: list[dict], out: Path) -> list[Path]:
             ax.fill_between(x, m - s, m + s, alpha=0.2, color=c)
         ax.set_xlabel("updates")
         ax.set_ylabel("normalized score")
-        ax.set_title(f"{ds} ({data_version(rs[0])} data), {max(r['num_updates'] for r in rs):,} updates, "
+        ax.set_title(f"{ds} ({data_version(rs[0])} data)\n{max(r['num_updates'] for r in rs):,} updates, "
                      f"mean ± std over {len(rs[0]['seeds'])} seeds", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
