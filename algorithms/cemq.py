@@ -150,6 +150,7 @@ def first_head(critic_def: DoubleCritic, params: Any) -> Callable[[jax.Array, ja
     mlp = MLP(critic_def.hidden_dim, critic_def.num_layers, 1, critic_def.layer_norm, critic_def.orthogonal_init)
     return lambda obs, act: mlp.apply({"params": member}, jnp.concatenate([obs, act], axis=-1))[..., 0]
 
+
 def q_of_samples(q_fn: Callable, obs: jax.Array, actions: jax.Array) -> jax.Array:
     """Q of n sampled actions per state: obs [batch, obs], actions [batch, n, act] -> [2, batch, n] (or [batch, n]).
 
